@@ -1,0 +1,12 @@
+"""Algorithms on any symmetric linear operator (``shape``, ``dtype``, ``device``, ``@``).
+
+They know nothing of neural networks: each can be tested on a plain matrix.
+"""
+
+from .power import power_iteration
+from .results import BlockResults, DensityResult, DiagonalResult, EigenResult, SolveResult, TraceResult
+
+__all__ = [
+    "power_iteration",
+    "EigenResult", "TraceResult", "DiagonalResult", "DensityResult", "SolveResult", "BlockResults",
+]

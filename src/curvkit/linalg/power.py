@@ -1,0 +1,53 @@
+"""Power iteration for the eigenvalue of largest magnitude."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from ..errors import ConvergenceWarning
+from ._util import apply, check_square, gaussian, generator
+from .results import EigenResult
+
+
+def power_iteration(
+    A: Any,
+    max_matvecs: int = 100,
+    tol: float = 1e-4,
+    seed: int | torch.Generator | None = 0,
+) -> EigenResult:
+    """Dominant eigenpair (largest |lambda|) of a symmetric operator by power iteration.
+
+    Stops when the residual ``||A v - lambda v||`` falls below ``tol * |lambda|``.
+    Cost: one operator product per iteration, at most ``max_matvecs``. Convergence is linear
+    with rate |lambda_2 / lambda_1|; :func:`curvkit.eigenvalues` (Lanczos) needs far fewer
+    products and finds several eigenvalues.
+    """
+    n = check_square(A)
+    gen = generator(seed)
+    v = gaussian(n, 1, gen, A.dtype, A.device)[:, 0]
+    v = v / v.norm()
+    Av = apply(A, v)
+    lam, res, matvecs = torch.dot(v, Av), torch.inf, 1
+    while True:
+        lam = torch.dot(v, Av)
+        res = (Av - lam * v).norm()
+        if res <= tol * lam.abs() or matvecs >= max_matvecs:
+            break
+        v = Av / Av.norm()
+        Av = apply(A, v)
+        matvecs += 1
+    converged = bool(res <= tol * lam.abs())
+    if not converged:
+        warnings.warn(
+            f"power iteration did not converge in {max_matvecs} products (relative residual "
+            f"{float(res / lam.abs()):.2e} > tol {tol:g}); raise max_matvecs or use ck.eigenvalues",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return EigenResult(
+        values=lam.reshape(1), vectors=v.reshape(-1, 1), residuals=res.reshape(1),
+        matvecs=matvecs, converged=converged, iterations=matvecs,
+    )

@@ -1,0 +1,15 @@
+"""Curvature matrices of a model as matrix-free linear operators."""
+
+from ._params import flatten, resolve_params, unflatten
+from .base import (
+    CurvatureOperator, FunctionOperator, IdentityOperator, LinearOperator, identity_like,
+)
+from .fisher import FisherOperator, fisher
+from .ggn import GGNOperator, ggn
+from .hessian import HessianOperator, hessian
+
+__all__ = [
+    "LinearOperator", "CurvatureOperator", "FunctionOperator", "IdentityOperator", "identity_like",
+    "HessianOperator", "GGNOperator", "FisherOperator", "hessian", "ggn", "fisher",
+    "resolve_params", "flatten", "unflatten",
+]

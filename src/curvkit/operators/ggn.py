@@ -1,0 +1,92 @@
+"""The generalized Gauss-Newton matrix ``J^T H_loss J``, and the base it shares with the Fisher."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from ._losses import loss_spec
+from .base import CurvatureOperator
+
+_FALLBACK = (RuntimeError, NotImplementedError)
+
+
+class OutputSpaceOperator(CurvatureOperator):
+    """``J^T M J`` summed over batches, for an output-space matrix ``M`` given by the subclass.
+
+    ``J`` is the Jacobian of the model's outputs with respect to the parameters. A product runs,
+    per batch, a forward with ``vjp``, ``J V`` for all k probes by a vmapped ``jvp`` (a second
+    forward carrying k tangents), ``M (J V)`` in output space, and ``J^T`` of it by a vmapped
+    backward.
+    """
+
+    def __init__(self, model, loss_fn, data, params=None, **kw: Any):
+        super().__init__(model, loss_fn, data, params, **kw)
+        x, y = self.data.first()
+        with self._in_mode(), torch.no_grad():
+            out = self._model_fn()(self._param_dict(), x)
+        self.loss = loss_spec(loss_fn, self.reduction, out, y)
+        self._vmap = True
+
+    def _output_matmat(self, out: Tensor, y: Tensor, JV: Tensor, index: int) -> Tensor:
+        raise NotImplementedError
+
+    def _batch_matmat(self, x: Any, y: Tensor, V: list[Tensor], index: int) -> tuple[list[Tensor], Tensor]:
+        names, f, params = self.param_names, self._model_fn(), self._param_dict()
+
+        def fx(p):
+            return f(p, x)
+
+        out, vjp_fn = vjp(fx, params)
+        out = out.detach()
+        probes = dict(zip(names, V))
+        k = V[0].shape[0]
+        if self._vmap:
+            try:
+                JV = vmap(lambda v: jvp(fx, (params,), (v,))[1])(probes)
+            except _FALLBACK:
+                self._vmap = False
+        if not self._vmap:
+            JV = torch.stack([jvp(fx, (params,), ({n: v[j] for n, v in probes.items()},))[1] for j in range(k)])
+        MJV = self._output_matmat(out, y, JV, index)
+        if self._vmap:
+            (prods,) = vmap(vjp_fn)(MJV)
+        else:
+            rows = [vjp_fn(MJV[j])[0] for j in range(k)]
+            prods = {n: torch.stack([r[n] for r in rows]) for n in names}
+        return [prods[n] for n in names], self.loss_fn(out, y)
+
+
+class GGNOperator(OutputSpaceOperator):
+    r"""The generalized Gauss-Newton matrix ``G = sum_b w_b J_b^T H_loss,b J_b``.
+
+    ``H_loss`` is the Hessian of the loss with respect to the model's outputs: closed form for
+    ``CrossEntropyLoss`` (``diag(p) - p p^T``), ``MSELoss`` (``2 I``) and ``BCEWithLogitsLoss``
+    (``diag(s(1-s))``), autograd for any other loss. G is symmetric, and positive
+    semi-definite whenever the loss is convex in the outputs (all three above).
+
+    Cost of ``G @ V`` with V (n, k): one pass over the data, each batch two forwards (one
+    carrying k tangents) and one backward carrying k cotangents.
+
+    Example:
+        >>> import torch, curvkit as ck
+        >>> model = torch.nn.Linear(3, 2)
+        >>> G = ck.ggn(model, torch.nn.MSELoss(), (torch.randn(8, 3), torch.randn(8, 2)))
+        >>> bool((G.dense() - G.dense().T).abs().max() < 1e-6)
+        True
+    """
+
+    def _output_matmat(self, out: Tensor, y: Tensor, JV: Tensor, index: int) -> Tensor:
+        return self.loss.hessian_matmat(out, y, JV)
+
+
+def ggn(model, loss_fn, data, params=None, **kw: Any) -> GGNOperator:
+    """The generalized Gauss-Newton matrix of ``loss_fn(model(inputs), targets)`` over ``data``.
+
+    Cost to build: one pass over the batches without the model and two forwards on the first
+    batch. See :class:`GGNOperator`.
+    """
+    return GGNOperator(model, loss_fn, data, params, **kw)
