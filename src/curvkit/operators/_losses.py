@@ -43,12 +43,25 @@ class LossSpec:
         except RuntimeError:  # some losses are not vmap-able: same result, one probe at a time
             try:
                 return torch.stack([jvp(g, (out,), (u,))[1] for u in U])
+            except RuntimeError:  # no forward-mode derivative (e.g. huber_loss): double backward
+                pass
+            try:
+                return self._double_backward(out, y, U)
             except RuntimeError as e:
                 raise LossError(
                     f"cannot take the second derivative of the loss with respect to the model's "
                     f"outputs ({e}); the GGN needs a twice-differentiable loss of the outputs. Use "
                     "ck.hessian or ck.fisher(kind='empirical') instead"
                 ) from e
+
+    def _double_backward(self, out: Tensor, y: Tensor, U: Tensor) -> Tensor:
+        with torch.enable_grad():
+            o = out.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.loss_fn(o, y), o, create_graph=True)
+            if not g.requires_grad:  # the loss is linear in the outputs: zero Hessian
+                return torch.zeros_like(U)
+            k = U.shape[0]
+            return torch.stack([torch.autograd.grad(g, o, U[j], retain_graph=j < k - 1)[0] for j in range(k)])
 
     def residuals(self, out: Tensor, y: Tensor) -> Tensor:
         """``r = dl_n/df_n`` per example, shape of ``out``: the gradient of the batch loss / c."""
