@@ -34,6 +34,8 @@ class FisherOperator(OutputSpaceOperator):
         if kind == "mc" and not self.loss.has_likelihood:
             self.loss.sample(torch.zeros(1), torch.Generator())  # raises the LossError that says why
         self.kind, self.mc_samples = kind, int(mc_samples)
+        if kind == "mc":
+            self._graphs = None  # per-batch sampling uses its own generator: replay eagerly
         self.seed = int(torch.randint(0, 2**62, (1,), generator=seed)) if isinstance(seed, torch.Generator) else int(seed)
 
     def _output_matmat(self, out: Tensor, y: Tensor, JV: Tensor, index: int) -> Tensor:
@@ -42,7 +44,7 @@ class FisherOperator(OutputSpaceOperator):
             R = spec.residuals(out, y)[None]
         else:
             gen = torch.Generator(device=out.device)
-            gen.manual_seed(self.seed * 1_000_003 + index)
+            gen.manual_seed((self.seed * 1_000_003 + index) % 2**64)  # manual_seed takes 64 bits
             R = torch.stack([spec.residuals(out, spec.sample(out, gen)) for _ in range(self.mc_samples)])
         Rf, Jf = R.reshape(R.shape[0], b, -1), JV.reshape(k, b, -1)
         s = torch.einsum("mbd,kbd->kmb", Rf, Jf)
