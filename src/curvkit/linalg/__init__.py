@@ -3,10 +3,11 @@
 They know nothing of neural networks: each can be tested on a plain matrix.
 """
 
+from .lanczos import eigenvalues
 from .power import power_iteration
 from .results import BlockResults, DensityResult, DiagonalResult, EigenResult, SolveResult, TraceResult
 
 __all__ = [
-    "power_iteration",
+    "eigenvalues", "power_iteration",
     "EigenResult", "TraceResult", "DiagonalResult", "DensityResult", "SolveResult", "BlockResults",
 ]

@@ -59,3 +59,16 @@ def apply(A: Any, V: Tensor, what: str = "product") -> Tensor:
             "parameters for NaN/inf, or lower the learning rate that produced them"
         )
     return out
+
+
+def operator_blocks(A: Any, by: str) -> dict:
+    """``A.blocks(by)``: the per-layer/per-parameter diagonal blocks, or a clear error."""
+    if by not in ("layer", "param"):
+        raise ValueError(f"by must be None, 'layer' or 'param', got {by!r}")
+    if not hasattr(A, "blocks"):
+        raise ShapeError(
+            f"by={by!r} needs an operator that knows its parameter blocks (a curvkit curvature "
+            f"operator such as ck.hessian(...)); {type(A).__name__} has no .blocks(by)"
+        )
+    return A.blocks(by)
+
