@@ -3,11 +3,13 @@
 They know nothing of neural networks: each can be tested on a plain matrix.
 """
 
+from .diagonal import diagonal
 from .lanczos import eigenvalues
 from .power import power_iteration
 from .results import BlockResults, DensityResult, DiagonalResult, EigenResult, SolveResult, TraceResult
+from .trace import trace
 
 __all__ = [
-    "eigenvalues", "power_iteration",
+    "eigenvalues", "trace", "diagonal", "power_iteration",
     "EigenResult", "TraceResult", "DiagonalResult", "DensityResult", "SolveResult", "BlockResults",
 ]
