@@ -3,6 +3,7 @@
 They know nothing of neural networks: each can be tested on a plain matrix.
 """
 
+from .density import spectral_density
 from .diagonal import diagonal
 from .lanczos import eigenvalues
 from .power import power_iteration
@@ -10,6 +11,6 @@ from .results import BlockResults, DensityResult, DiagonalResult, EigenResult, S
 from .trace import trace
 
 __all__ = [
-    "eigenvalues", "trace", "diagonal", "power_iteration",
+    "eigenvalues", "trace", "diagonal", "spectral_density", "power_iteration",
     "EigenResult", "TraceResult", "DiagonalResult", "DensityResult", "SolveResult", "BlockResults",
 ]
