@@ -345,12 +345,14 @@ class CurvatureOperator(LinearOperator):
         chosen = set(self.param_names)
         frozen = {n: p.detach() for n, p in self.model.named_parameters() if n not in chosen}
         buffers = dict(self.model.named_buffers())
-        if self.mode == "train":  # BatchNorm updates running stats in place: keep the model's intact
-            buffers = {n: b.clone() for n, b in buffers.items()}
-        model = self.model
+        train, model = self.mode == "train", self.model
 
         def f(params: dict[str, Tensor], x: Any) -> Any:
-            return functional_call(model, (params, frozen, buffers), (x,))
+            # BatchNorm in train mode updates running stats in place: on fresh copies made inside
+            # the function, so the model's stay intact and torch.func transforms (which refuse to
+            # mutate a captured tensor) can differentiate it
+            bufs = {n: b.clone() for n, b in buffers.items()} if train else buffers
+            return functional_call(model, (params, frozen, bufs), (x,))
 
         return f
 
