@@ -370,7 +370,21 @@ class CurvatureOperator(LinearOperator):
         """One forward on the first batch: the loss must be a finite scalar tensor."""
         x, y = self.data.first()
         with self._in_mode(), torch.no_grad():
-            loss = self.loss_fn(self._model_fn()(self._param_dict(), x), y)
+            try:
+                out = self._model_fn()(self._param_dict(), x)
+            except (TypeError, ValueError, RuntimeError, IndexError) as e:
+                raise ModelError(
+                    f"the model raised {type(e).__name__} on the inputs of batch 0: {e}. Check that "
+                    "model(inputs) runs on each batch's inputs as given"
+                ) from e
+            try:
+                loss = self.loss_fn(out, y)
+            except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+                raise LossError(
+                    f"loss_fn(model(inputs), targets) raised {type(e).__name__} on batch 0: {e}. Check "
+                    f"that the model returns what loss_fn expects (it returned {type(out).__name__}) "
+                    "and that the targets have the dtype and shape the loss needs"
+                ) from e
         if not isinstance(loss, Tensor):
             raise LossError(f"loss_fn returned {type(loss).__name__}; it must return a scalar tensor")
         if loss.numel() != 1 or loss.dim() > 1:

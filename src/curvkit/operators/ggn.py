@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
+from ..errors import ModelError
 from ._losses import loss_spec
 from .base import CurvatureOperator
 
@@ -40,7 +41,15 @@ class OutputSpaceOperator(CurvatureOperator):
         def fx(p):
             return f(p, x)
 
-        out, vjp_fn = vjp(fx, params)
+        try:
+            out, vjp_fn = vjp(fx, params)
+        except _FALLBACK as e:
+            raise ModelError(
+                f"torch.func cannot differentiate the model ({e}); the GGN and the Fisher need "
+                "torch.func.vjp/jvp of the model. Port custom autograd.Functions to the "
+                "setup_context style (see torch.func docs), or use ck.hessian, which falls back "
+                "to double backward"
+            ) from e
         out = out.detach()
         probes = dict(zip(names, V))
         k = V[0].shape[0]
