@@ -247,7 +247,7 @@ def cached_ref(which: str, kind: str, loss: str, reduction: str) -> torch.Tensor
 
 def _grid():
     out = [(k, l, "mean", False) for k in MODELS for l in LOSSES]
-    out += [(k, l, "sum", False) for k in ("mlp", "convbn") for l in LOSSES]
+    out += [(k, l, "sum", False) for k in MODELS for l in LOSSES]
     out += [("mlp", l, r, True) for l in LOSSES for r in ("mean", "sum")]
     out += [("convbn", "ce", "mean", True)]
     return [pytest_param(*c) for c in out]
@@ -259,6 +259,5 @@ def pytest_param(kind, loss, reduction, one_batch):
     return pytest.param(kind, loss, reduction, one_batch, id=f"{kind}-{loss}-{reduction}-{'1batch' if one_batch else '7+5+3'}")
 
 
-# every (model, loss) with mean reduction on uneven batches 7 + 5 + 3; sum reduction (batch weight 1,
-# independent of the model) on two models; each loss and reduction also as one batch
+# every (model, loss, reduction) on uneven batches 7 + 5 + 3; each loss and reduction also as one batch
 GRID = _grid()

@@ -483,6 +483,15 @@ def test_bad_vectors():
         H @ v
 
 
+def test_dense_in_chunks():
+    """dense() assembles blocks of `chunk` columns: any chunk size gives the same matrix."""
+    model, batches = make_model("convbn"), make_batches("convbn", "ce")
+    G = ck.ggn(model, CE, batches)
+    ref = cached_ref("ggn", "convbn", "ce", "mean")
+    for chunk in (1, 7, G.shape[0] - 1, 1000):
+        assert_close(G.dense(chunk=chunk), ref)
+
+
 def test_dense_too_large():
     model, batches = make_model("mlp"), make_batches("mlp", "ce")
     H = ck.hessian(model, CE, batches)

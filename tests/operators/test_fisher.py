@@ -107,3 +107,40 @@ def test_mc_fisher_mc_samples_average():
     )
     mean, stderr = samples.mean(0), samples.std(0) / S**0.5
     assert ((mean - exact).abs() < 4 * stderr).all(), ((mean - exact) / stderr)
+
+
+class _Seg(torch.nn.Module):
+    """Per-pixel logits (N, 3, 2, 2): cross-entropy over dim 1 with (N, 2, 2) class targets."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(1, 3, 2), torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.tanh(self.conv1(x)))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_spatial_cross_entropy(reduction):
+    """CE with extra output dims: one loss term per pixel; an example's gradient sums its pixels."""
+    from .reference import ref_ggn, ref_hessian
+
+    torch.manual_seed(0)
+    model = _Seg().double()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 1, 3, 3, generator=g, dtype=DT), torch.randint(0, 3, (n, 2, 2), generator=g))
+               for n in (4, 3, 2)]
+    loss_fn = make_loss("ce", reduction)
+    assert_close(ck.hessian(model, loss_fn, batches).dense(), ref_hessian(model, loss_fn, batches))
+    G = ck.ggn(model, loss_fn, batches)
+    assert_close(G.dense(), ref_ggn(model, loss_fn, batches))
+    f = Flat(model)
+    X, Y = concat(batches)
+    per_example = make_loss("ce", "sum")
+    grads = []
+    for n in range(len(Y)):
+        th = f.theta0.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(per_example(f(th, X[n : n + 1]), Y[n : n + 1]), th)[0])
+    grads = torch.stack(grads)
+    c = 1 / Y.numel() if reduction == "mean" else 1.0  # one term per pixel
+    assert_close(ck.fisher(model, loss_fn, batches).dense(), c * grads.T @ grads)

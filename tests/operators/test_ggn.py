@@ -75,3 +75,34 @@ def test_ggn_weight_sharing_is_not_blockwise_sum_of_uses():
     G = ck.ggn(model, nn.MSELoss(), batches)
     assert G.shape[0] == sum(p.numel() for p in model.parameters())
     assert_close(G.dense(), ref_ggn(model, nn.MSELoss(), batches))
+
+
+# losses whose mean has the same normaliser in every example: several batches = the concatenated data
+@pytest.mark.parametrize("name", ["huber-lambda", "mse-lambda", "huber-fn-sum", "ce-label-smoothing", "bce-pos-weight"])
+def test_ggn_other_losses_uneven_batches(name):
+    loss_fn, targets = OTHER_LOSSES[name]
+    model, batches = make_model("layernorm"), make_batches("layernorm", targets)
+    reduction = "sum" if name.endswith("-sum") else None  # a plain function cannot say it sums
+    G = ck.ggn(model, loss_fn, batches, reduction=reduction)
+    assert_close(G.dense(), ref_ggn(model, loss_fn, batches))
+
+
+def test_reduction_override_matters_for_summing_functions():
+    loss_fn, _ = OTHER_LOSSES["huber-fn-sum"]
+    model, batches = make_model("mlp"), make_batches("mlp", "mse")
+    ref = ref_ggn(model, loss_fn, batches)
+    assert_close(ck.ggn(model, loss_fn, batches, reduction="sum").dense(), ref)
+    # taken as a mean, the batches are weighted N_b / N: not the summed loss's curvature
+    assert (ck.ggn(model, loss_fn, batches).dense() - ref).abs().max() > 1e-3
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "batches are weighted N_b / N by example count; CE with ignore_index (or class weights) "
+    "normalises its mean by the non-ignored count (or the weight sum) of each batch, so several "
+    "batches do not give the curvature of the mean loss on the concatenated data"
+))
+@pytest.mark.parametrize("name", ["ce-ignore-index", "ce-weight"])
+def test_ggn_ce_batch_dependent_normaliser_uneven_batches(name):
+    loss_fn, _ = OTHER_LOSSES[name]
+    model, batches = make_model("mlp"), make_batches("mlp", "ce")
+    assert_close(ck.ggn(model, loss_fn, batches).dense(), ref_ggn(model, loss_fn, batches))
