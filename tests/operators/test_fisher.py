@@ -57,11 +57,29 @@ def test_empirical_fisher_ce_label_smoothing_and_ignore_index():
     assert_close(ck.fisher(model, loss_fn, (x, y)).dense(), G.T @ G / len(keep))
 
 
-@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
-def test_mc_fisher_expectation_is_ggn(loss):
+def _ce_ignored(y):
+    y = y.clone()
+    y[::3] = -100  # every third target ignored (padding)
+    return y
+
+
+MC_CASES = {
+    "ce": (make_loss("ce"), "ce", None),
+    "mse": (make_loss("mse"), "mse", None),
+    "bce": (make_loss("bce"), "bce", None),
+    # the likelihood is the softmax: no smoothing in the sampled targets, no ignored positions
+    "ce-ignore-index": (torch.nn.CrossEntropyLoss(), "ce", _ce_ignored),
+    "ce-label-smoothing": (torch.nn.CrossEntropyLoss(label_smoothing=0.3), "ce", None),
+}
+
+
+@pytest.mark.parametrize("case_name", list(MC_CASES))
+def test_mc_fisher_expectation_is_ggn(case_name):
     """E[v^T F_s v] over seeds s equals v^T G v, within 4 standard errors of the seed average."""
-    model, loss_fn = make_model("mlp"), make_loss(loss)
-    batches = [concat(make_batches("mlp", loss))]  # one batch of 15: the expectation is per example
+    loss_fn, loss, edit = MC_CASES[case_name]
+    model = make_model("mlp")
+    x, y = concat(make_batches("mlp", loss))
+    batches = [(x, edit(y) if edit else y)]  # one batch of 15: the expectation is per example
     G = ck.ggn(model, loss_fn, batches)
     n = G.shape[0]
     V = torch.randn(n, 6, generator=torch.Generator().manual_seed(7), dtype=DT)

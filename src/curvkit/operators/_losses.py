@@ -70,6 +70,10 @@ class LossSpec:
             (r,) = torch.autograd.grad(self.loss_fn(o, y), o)
         return r / self.factor(out, y)
 
+    def sampled_residuals(self, out: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+        """``r_n`` at targets drawn from the model's predictive distribution (data targets ``y``)."""
+        return self.residuals(out, self.sample(out, gen))
+
     def sample(self, out: Tensor, gen: torch.Generator) -> Tensor:
         raise LossError(
             "the Monte-Carlo Fisher samples targets from the model's predictive distribution, which "
@@ -103,6 +107,12 @@ class CrossEntropySpec(LossSpec):
         mask = self._mask(out, y)
         target = F.one_hot(y.clamp(0, C - 1), C).movedim(-1, 1).to(out.dtype)
         return mask * (out.softmax(dim=1) - ((1 - eps) * target + eps / C))
+
+    def sampled_residuals(self, out: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+        """``p - onehot(sample)``: the likelihood is the softmax itself, so no label smoothing, and
+        positions the data ignores (``ignore_index`` in ``y``) stay out as in the GGN."""
+        C, t = out.shape[1], self.sample(out, gen)
+        return self._mask(out, y) * (out.softmax(dim=1) - F.one_hot(t, C).movedim(-1, 1).to(out.dtype))
 
     def sample(self, out: Tensor, gen: torch.Generator) -> Tensor:
         p = out.detach().softmax(dim=1).movedim(1, -1).reshape(-1, out.shape[1])

@@ -45,7 +45,7 @@ class FisherOperator(OutputSpaceOperator):
         else:
             gen = torch.Generator(device=out.device)
             gen.manual_seed((self.seed * 1_000_003 + index) % 2**64)  # manual_seed takes 64 bits
-            R = torch.stack([spec.residuals(out, spec.sample(out, gen)) for _ in range(self.mc_samples)])
+            R = torch.stack([spec.sampled_residuals(out, y, gen) for _ in range(self.mc_samples)])
         Rf, Jf = R.reshape(R.shape[0], b, -1), JV.reshape(k, b, -1)
         s = torch.einsum("mbd,kbd->kmb", Rf, Jf)
         U = torch.einsum("kmb,mbd->kbd", s, Rf) * (spec.factor(out, y) / R.shape[0])
