@@ -114,6 +114,7 @@ def test_fallback_paths_for_models_vmap_cannot_batch():
     assert H.strategy == "loop"
     G = ck.ggn(model, CE, batches)
     assert_close(G.dense(), cached_ref("ggn", "mlp", "ce", "mean"))
+    assert G._vmap is False  # the GGN took its one-probe-at-a-time path
     assert_close(ck.fisher(model, CE, batches).dense(), cached_ref("fisher", "mlp", "ce", "mean"))
     # no forward mode at all: the Hessian falls back to double backward
     old = _mlp_with(_TanhOldStyle)
