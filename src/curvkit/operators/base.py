@@ -24,6 +24,7 @@ from torch.func import functional_call
 
 from ..errors import LossError, ModelError, NonFiniteError, ShapeError, TooLargeError
 from ._data import Batches
+from ._graphs import GraphCache
 from ._params import ParamSpec, flatten, resolve_params, unflatten
 
 Mode = Literal["eval", "train"]
@@ -216,7 +217,11 @@ class CurvatureOperator(LinearOperator):
             would make each product a different random matrix).
         reduction: override the loss's reduction ("mean" or "sum") when it cannot be read
             from ``loss_fn.reduction``.
+        cuda_graphs: replay the per-batch product as a CUDA graph (captured on the second
+            product with the same batch shape and probe count). ``None``: on CUDA devices.
     """
+
+    _graph_safe = True  # False where a batch product draws random numbers (MC Fisher)
 
     def __init__(
         self,
@@ -227,6 +232,7 @@ class CurvatureOperator(LinearOperator):
         *,
         mode: Mode = "eval",
         reduction: str | None = None,
+        cuda_graphs: bool | None = None,
     ):
         if not callable(loss_fn):
             raise LossError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
@@ -246,6 +252,9 @@ class CurvatureOperator(LinearOperator):
         p0 = self._named[0][1]
         n = sum(p.numel() for _, p in self._named)
         self.shape, self.dtype, self.device = (n, n), p0.dtype, p0.device
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        self._graphs = GraphCache() if cuda_graphs and self._graph_safe else None
         self._validate_loss()
 
     # parameters and vectors ------------------------------------------------------------
@@ -293,6 +302,7 @@ class CurvatureOperator(LinearOperator):
             block = object.__new__(type(self))
             block.__dict__.update(self.__dict__)
             block._named = named
+            block._graphs = GraphCache() if self._graphs is not None else None
             n = sum(p.numel() for _, p in named)
             block.shape = (n, n)
             out[key] = block
@@ -305,12 +315,15 @@ class CurvatureOperator(LinearOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         k = V.shape[1]
-        probes = [t.movedim(-1, 0) for t in self.split(V)]  # (k, *p.shape) each
+        probes = [t.movedim(-1, 0).contiguous() for t in self.split(V)]  # (k, *p.shape) each
         out = torch.zeros(k, self.shape[0], dtype=self.dtype, device=self.device)
         losses = []
         with self._in_mode():
             for i, x, y in self.data:
-                prods, loss = self._batch_matmat(x, y, probes, i)
+                if self._graphs is not None:
+                    prods, loss = self._graphs(self._batch_matmat, x, y, probes, i, [p for _, p in self._named])
+                else:
+                    prods, loss = self._batch_matmat(x, y, probes, i)
                 out.add_(torch.cat([t.reshape(k, -1) for t in prods], dim=1), alpha=self.batch_weight(len(y)))
                 losses.append(loss.detach().reshape(()))
         self._check_finite(torch.stack(losses), out)

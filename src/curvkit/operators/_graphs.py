@@ -1,0 +1,78 @@
+"""CUDA-graph replay of per-batch curvature products.
+
+A Hessian-vector product through ``torch.func`` launches a few thousand small kernels from
+Python; for batches of a few hundred examples the GPU waits on that Python. Capturing the
+per-batch product once and replaying it removes the Python and launch cost. A graph is keyed
+by the shapes of the batch and the number of probes, captured the second time a key is seen
+(the first, eager run doubles as warm-up), and dropped when the parameters are reallocated.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+BatchFn = Callable[[Any, Tensor, list[Tensor], int], tuple[list[Tensor], Tensor]]
+
+
+class _Captured:
+    def __init__(self, fn: BatchFn, x: Tensor, y: Tensor, V: list[Tensor], index: int):
+        self.x, self.y, self.V = x.clone(), y.clone(), [v.clone() for v in V]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+            fn(self.x, self.y, self.V, index)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out, self.loss = fn(self.x, self.y, self.V, index)
+
+    def __call__(self, x: Tensor, y: Tensor, V: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        for dst, src in zip(self.V, V):
+            dst.copy_(src)
+        self.graph.replay()
+        return self.out, self.loss.clone()  # outputs are overwritten by the next replay
+
+
+class GraphCache:
+    """Replays captured per-batch products; falls back to eager where capture cannot work."""
+
+    def __init__(self, max_graphs: int = 2):
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.seen: set[tuple] = set()
+        self.failed = False
+        self._ptrs: tuple[int, ...] = ()
+
+    def __call__(self, fn: BatchFn, x: Any, y: Tensor, V: list[Tensor], index: int, params: list[Tensor]):
+        # fn is passed per call, not stored: a stored bound method would keep the operator and
+        # its graphs' memory alive in a reference cycle
+        if self.failed or not isinstance(x, Tensor) or not x.is_cuda:
+            return fn(x, y, V, index)
+        ptrs = tuple(p.data_ptr() for p in params)
+        if ptrs != self._ptrs:  # parameters were reallocated (e.g. model.to()): graphs read stale memory
+            self.graphs.clear()
+            self._ptrs = ptrs
+        key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, V[0].shape[0])
+        graph = self.graphs.get(key)
+        if graph is None:
+            if key not in self.seen:
+                self.seen.add(key)
+                return fn(x, y, V, index)
+            try:
+                graph = _Captured(fn, x, y, V, index)
+            except RuntimeError:  # an op that cannot be captured: stay eager from now on
+                self.failed = True
+                torch.cuda.synchronize()
+                return fn(x, y, V, index)
+            self.graphs[key] = graph
+            while len(self.graphs) > self.max_graphs:  # each graph holds its activations' memory
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        return graph(x, y, V)
