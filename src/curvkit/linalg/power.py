@@ -29,8 +29,7 @@ def power_iteration(
     gen = generator(seed)
     v = gaussian(n, 1, gen, A.dtype, A.device)[:, 0]
     v = v / v.norm()
-    Av = apply(A, v)
-    lam, res, matvecs = torch.dot(v, Av), torch.inf, 1
+    Av, matvecs = apply(A, v), 1
     while True:
         lam = torch.dot(v, Av)
         res = (Av - lam * v).norm()
