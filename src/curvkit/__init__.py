@@ -2,9 +2,13 @@
 
 from . import errors
 from .errors import CurvkitError
-from .linalg import power_iteration
+from .linalg import diagonal, eigenvalues, power_iteration, solve, spectral_density, trace
 from .operators import fisher, ggn, hessian, identity_like
 
 __version__ = "0.1.0"
 
-__all__ = ["hessian", "ggn", "fisher", "identity_like", "power_iteration", "errors", "CurvkitError", "__version__"]
+__all__ = [
+    "hessian", "ggn", "fisher", "identity_like",
+    "eigenvalues", "trace", "diagonal", "spectral_density", "solve", "power_iteration",
+    "errors", "CurvkitError", "__version__",
+]

@@ -12,6 +12,10 @@ class CurvkitError(Exception):
     """Base class of every error curvkit raises on purpose."""
 
 
+class ArgumentError(CurvkitError, ValueError):
+    """An option has a value curvkit does not accept (an unknown method, a negative tolerance, ...)."""
+
+
 class ModelError(CurvkitError, ValueError):
     """The model or its parameters cannot be used as given (no trainable parameters,
     parameters that do not belong to it, a train-mode model with dropout, ...)."""

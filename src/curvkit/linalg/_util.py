@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteError, ShapeError
+from ..errors import ArgumentError, NonFiniteError, ShapeError
 
 
 def check_square(A: Any) -> int:
@@ -64,7 +64,7 @@ def apply(A: Any, V: Tensor, what: str = "product") -> Tensor:
 def operator_blocks(A: Any, by: str) -> dict:
     """``A.blocks(by)``: the per-layer/per-parameter diagonal blocks, or a clear error."""
     if by not in ("layer", "param"):
-        raise ValueError(f"by must be None, 'layer' or 'param', got {by!r}")
+        raise ArgumentError(f"by must be None, 'layer' or 'param', got {by!r}")
     if not hasattr(A, "blocks"):
         raise ShapeError(
             f"by={by!r} needs an operator that knows its parameter blocks (a curvkit curvature "

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._progress import progress as progress_bar
-from ..errors import ConvergenceWarning, ShapeError
+from ..errors import ArgumentError, ConvergenceWarning, ShapeError
 from ._util import apply, check_square
 from .results import SolveResult
 
@@ -52,7 +52,7 @@ def solve(
     if x0 is not None and (not isinstance(x0, Tensor) or x0.shape != b.shape or x0.dtype != b.dtype):
         raise ShapeError(f"x0 must be a tensor shaped and typed like b {tuple(b.shape)}/{b.dtype}")
     if damping < 0 or tol <= 0:
-        raise ValueError(f"need damping >= 0 and tol > 0, got damping={damping}, tol={tol}")
+        raise ArgumentError(f"need damping >= 0 and tol > 0, got damping={damping}, tol={tol}")
     vector = b.dim() == 1
     B = b[:, None] if vector else b
     k = B.shape[1]

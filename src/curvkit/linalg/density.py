@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._progress import progress as progress_bar
-from ..errors import CurvkitWarning
+from ..errors import ArgumentError, CurvkitWarning
 from ._util import apply, check_square, gaussian, generator
 from .results import DensityResult
 
@@ -51,9 +51,9 @@ def spectral_density(
     """
     n = check_square(A)
     if not isinstance(iterations, int) or iterations < 1 or not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"iterations and probes must be positive integers, got {iterations!r}, {probes!r}")
+        raise ArgumentError(f"iterations and probes must be positive integers, got {iterations!r}, {probes!r}")
     if sigma is not None and not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
+        raise ArgumentError(f"sigma must be positive, got {sigma}")
     iterations = min(iterations, n)  # a Krylov space has at most n dimensions
     dt, dev = A.dtype, A.device
     gen = generator(seed)
@@ -118,7 +118,7 @@ def spectral_density(
     elif isinstance(grid, int) and grid >= 2:
         t = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid, dtype=_F64)
     else:
-        raise ValueError(f"grid must be a number of points >= 2 or a 1-D tensor of points, got {grid!r}")
+        raise ArgumentError(f"grid must be a number of points >= 2 or a 1-D tensor of points, got {grid!r}")
     kernel = torch.exp(-0.5 * ((t[:, None] - nodes.reshape(1, -1)) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
     density = kernel @ weights.reshape(-1) / probes
     mass = float(torch.trapezoid(density, t))
@@ -130,5 +130,5 @@ def spectral_density(
             stacklevel=2,
         )
     if mass <= 0:
-        raise ValueError("the grid holds none of the spectral mass; widen it to cover the spectrum")
+        raise ArgumentError("the grid holds none of the spectral mass; widen it to cover the spectrum")
     return DensityResult(t, density / mass, nodes, weights, matvecs, sigma)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ArgumentError
 from ._util import apply, check_square, generator, operator_blocks, rademacher
 from .results import BlockResults, DiagonalResult
 
@@ -29,7 +30,7 @@ def diagonal(
     per block of ``A.blocks(by)`` (products of the smaller block operators), as BlockResults.
     """
     if not isinstance(probes, int) or probes < 2:
-        raise ValueError(f"diagonal needs probes >= 2 (to give a standard error), got {probes!r}")
+        raise ArgumentError(f"diagonal needs probes >= 2 (to give a standard error), got {probes!r}")
     if by is not None:
         return BlockResults({name: diagonal(B, probes, seed) for name, B in operator_blocks(A, by).items()})
     n = check_square(A)

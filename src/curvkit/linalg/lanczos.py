@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._progress import progress as progress_bar
-from ..errors import ConvergenceWarning, ShapeError
+from ..errors import ArgumentError, ConvergenceWarning, ShapeError
 from ._util import apply, check_square, gaussian, generator, operator_blocks
 from .results import BlockResults, EigenResult
 
@@ -55,7 +55,7 @@ def eigenvalues(
     returns :class:`BlockResults` (blocks with ``n <= k`` get all their eigenvalues, densely).
     """
     if which not in _WHICH:
-        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+        raise ArgumentError(f"which must be one of {_WHICH}, got {which!r}")
     if by is not None:
         out = {}
         for name, B in operator_blocks(A, by).items():
@@ -83,18 +83,18 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, pr
             "operator use torch.linalg.eigvalsh(A.dense())"
         )
     if tol <= 0:
-        raise ValueError(f"tol must be positive, got {tol}")
+        raise ArgumentError(f"tol must be positive, got {tol}")
     b = block_size or 1
     m_max = basis_size or max(2 * k + 2 * b, 20 + 10 * b)
     if b < 1 or m_max < k + b:
-        raise ValueError(f"need block_size >= 1 and basis_size >= k + block_size, got {b}, {m_max}")
+        raise ArgumentError(f"need block_size >= 1 and basis_size >= k + block_size, got {b}, {m_max}")
     m_max -= (m_max - k) % b  # kept vectors + whole blocks fill the basis exactly
     budget = max_matvecs if max_matvecs is not None else max(1000, 50 * m_max)
     if m_max + b >= n:
         return _dense(A, n, k, which)
     first = b * math.ceil(k / b)
     if budget < first:
-        raise ValueError(f"max_matvecs={budget} is below the {first} products needed for a first set of k={k} Ritz vectors")
+        raise ArgumentError(f"max_matvecs={budget} is below the {first} products needed for a first set of k={k} Ritz vectors")
 
     dt, dev = A.dtype, A.device
     eps = torch.finfo(dt).eps

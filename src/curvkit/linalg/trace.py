@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError
 from ._util import apply, check_square, generator, operator_blocks, rademacher
 from .results import BlockResults, TraceResult
 
@@ -37,10 +38,10 @@ def trace(
     estimate per block of ``A.blocks(by)``, each with ``probes`` products, as :class:`BlockResults`.
     """
     if method not in ("hutch++", "hutchinson"):
-        raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
+        raise ArgumentError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
     least = 4 if method == "hutch++" else 2
     if not isinstance(probes, int) or probes < least:
-        raise ValueError(f"{method} needs probes >= {least} (to give a standard error), got {probes!r}")
+        raise ArgumentError(f"{method} needs probes >= {least} (to give a standard error), got {probes!r}")
     if by is not None:
         return BlockResults({name: trace(B, method, probes, seed) for name, B in operator_blocks(A, by).items()})
     n = check_square(A)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import LossError, ModelError, NonFiniteError, ShapeError, TooLargeError
+from ..errors import ArgumentError, LossError, ModelError, NonFiniteError, ShapeError, TooLargeError
 from ._data import Batches
 from ._graphs import GraphCache
 from ._params import ParamSpec, flatten, resolve_params, unflatten
@@ -292,7 +292,7 @@ class CurvatureOperator(LinearOperator):
         products cost a forward/backward over the data like the full operator's).
         """
         if by not in ("layer", "param"):
-            raise ValueError(f"by must be 'layer' or 'param', got {by!r}")
+            raise ArgumentError(f"by must be 'layer' or 'param', got {by!r}")
         groups: dict[str, list[tuple[str, Tensor]]] = {}
         for name, p in self._named:
             key = (name.rpartition(".")[0] or name) if by == "layer" else name

@@ -7,6 +7,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError
 from .ggn import OutputSpaceOperator
 
 
@@ -27,9 +28,9 @@ class FisherOperator(OutputSpaceOperator):
     def __init__(self, model, loss_fn, data, params=None, *, kind: Literal["empirical", "mc"] = "empirical",
                  mc_samples: int = 1, seed: int | torch.Generator = 0, **kw: Any):
         if kind not in ("empirical", "mc"):
-            raise ValueError(f"kind must be 'empirical' or 'mc', got {kind!r}")
+            raise ArgumentError(f"kind must be 'empirical' or 'mc', got {kind!r}")
         if int(mc_samples) < 1:
-            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+            raise ArgumentError(f"mc_samples must be >= 1, got {mc_samples}")
         super().__init__(model, loss_fn, data, params, **kw)
         if kind == "mc" and not self.loss.has_likelihood:
             self.loss.sample(torch.zeros(1), torch.Generator())  # raises the LossError that says why

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, jvp, vmap
 
+from ..errors import ArgumentError
 from .base import CurvatureOperator
 
 Method = Literal["auto", "forward-over-reverse", "double-backward"]
@@ -37,7 +38,7 @@ class HessianOperator(CurvatureOperator):
 
     def __init__(self, model, loss_fn, data, params=None, *, method: Method = "auto", **kw: Any):
         if method not in ("auto", "forward-over-reverse", "double-backward"):
-            raise ValueError(f"method must be 'auto', 'forward-over-reverse' or 'double-backward', got {method!r}")
+            raise ArgumentError(f"method must be 'auto', 'forward-over-reverse' or 'double-backward', got {method!r}")
         self.method = method
         self.strategy = "double-backward" if method == "double-backward" else "vmap"
         super().__init__(model, loss_fn, data, params, **kw)
