@@ -159,6 +159,21 @@ class BCEWithLogitsSpec(LossSpec):
         return (torch.rand(out.shape, generator=gen, dtype=out.dtype, device=gen.device).to(out.device) < s).to(out.dtype)
 
 
+def loss_terms(loss_fn: LossFn, y: Tensor) -> Tensor | int:
+    """What a "mean" loss divides its batch sum by, so batches can be weighted exactly.
+
+    ``CrossEntropyLoss``/``NLLLoss`` with class indices divide by the number of targets that are
+    not ``ignore_index`` (their class weights' sum when weighted); every other loss is taken to
+    average over examples. Returned as a tensor where it depends on the data (no host sync).
+    """
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and not y.is_floating_point():
+        keep = y != loss_fn.ignore_index
+        if loss_fn.weight is None:
+            return keep.sum()
+        return (loss_fn.weight[y.clamp(min=0, max=loss_fn.weight.numel() - 1)] * keep).sum()
+    return y.shape[0]
+
+
 def loss_spec(loss_fn: LossFn, reduction: str, out: Tensor, y: Tensor) -> LossSpec:
     """The closed form for a standard loss used plainly, else the autograd fallback."""
     if not isinstance(out, Tensor):

@@ -25,6 +25,7 @@ from torch.func import functional_call
 from ..errors import ArgumentError, LossError, ModelError, NonFiniteError, ShapeError, TooLargeError
 from ._data import Batches
 from ._graphs import GraphCache
+from ._losses import loss_terms
 from ._params import ParamSpec, flatten, resolve_params, unflatten
 
 Mode = Literal["eval", "train"]
@@ -198,9 +199,10 @@ class CurvatureOperator(LinearOperator):
     """Base of the curvature matrices of ``loss_fn(model(inputs), targets)`` over ``data``.
 
     The matrix is that of the loss over all the data, with the loss function's own reduction:
-    for ``reduction="mean"`` (the default, and what a plain function is taken to do) batch ``b``
-    of ``N_b`` examples gets weight ``N_b / N``; for ``"sum"`` weight 1. So batching the same
-    data differently gives the same operator.
+    for ``reduction="mean"`` (the default, and what a plain function is taken to do) each batch
+    is weighted by its share of the loss's terms (its examples; for cross-entropy the targets
+    that are not ``ignore_index``, or their class weights), for ``"sum"`` by 1. So batching the
+    same data differently gives the same operator.
 
     Subclasses implement :meth:`_batch_matmat`, the product of one batch's curvature with the
     probes, given as per-parameter tensors with a leading probe dimension ``k``.
@@ -309,25 +311,27 @@ class CurvatureOperator(LinearOperator):
         return out
 
     # the data loop ---------------------------------------------------------------------
-    def batch_weight(self, size: int) -> float:
-        """Weight of a batch's curvature in the whole-data curvature."""
-        return size / self.num_data if self.reduction == "mean" else 1.0
-
     def _matmat(self, V: Tensor) -> Tensor:
         k = V.shape[1]
         probes = [t.movedim(-1, 0).contiguous() for t in self.split(V)]  # (k, *p.shape) each
         out = torch.zeros(k, self.shape[0], dtype=self.dtype, device=self.device)
-        losses = []
+        losses, total = [], 0.0
         with self._in_mode():
             for i, x, y in self.data:
                 if self._graphs is not None:
                     prods, loss = self._graphs(self._batch_matmat, x, y, probes, i, [p for _, p in self._named])
                 else:
                     prods, loss = self._batch_matmat(x, y, probes, i)
-                out.add_(torch.cat([t.reshape(k, -1) for t in prods], dim=1), alpha=self.batch_weight(len(y)))
+                flat = torch.cat([t.reshape(k, -1) for t in prods], dim=1)
+                if self.reduction == "mean":  # weight = the batch's share of the loss's terms
+                    terms = loss_terms(self.loss_fn, y)
+                    out.add_(flat * terms)
+                    total = total + terms
+                else:
+                    out.add_(flat)
                 losses.append(loss.detach().reshape(()))
         self._check_finite(torch.stack(losses), out)
-        return out.T
+        return (out / total).T if self.reduction == "mean" else out.T
 
     def _check_finite(self, losses: Tensor, out: Tensor) -> None:
         if not torch.isfinite(losses).all():
