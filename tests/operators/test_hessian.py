@@ -1,6 +1,8 @@
 """ck.hessian equals the dense Hessian from torch.autograd.functional.hessian."""
 
 import pytest
+import torch
+from torch import nn
 
 import curvkit as ck
 
@@ -18,3 +20,13 @@ def test_hessian_equals_dense(kind, loss, reduction, one_batch):
     # the model ran in eval mode and came back exactly as it was (train mode, same buffers)
     assert training_flags(model) == flags and model.training
     assert_buffers_equal(model, bufs)
+
+
+def test_mse_mean_hessian_takes_the_vmapped_path():
+    """mse_loss(mean) has a forward-AD bug in torch; curvkit must not fall back to the slow path."""
+    model = nn.Linear(3, 2).double()
+    data = (torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64))
+    H = ck.hessian(model, nn.MSELoss(), data)
+    ref = ck.hessian(model, nn.MSELoss(), data, method="double-backward")
+    assert_close(H.dense(), ref.dense())
+    assert H.strategy == "vmap"

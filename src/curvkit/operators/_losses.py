@@ -159,6 +159,18 @@ class BCEWithLogitsSpec(LossSpec):
         return (torch.rand(out.shape, generator=gen, dtype=out.dtype, device=gen.device).to(out.device) < s).to(out.dtype)
 
 
+def forward_ad_safe(loss_fn: LossFn) -> LossFn:
+    """An equal loss that torch.func can differentiate forward-over-reverse.
+
+    ``mse_loss``'s mean-reduction backward has no working forward-mode derivative ("ZeroTensors
+    are immutable", pytorch#123996), which would push every MSE Hessian product onto the slow
+    double-backward path; sum / numel is the same number without that bug.
+    """
+    if type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean":
+        return lambda out, y: F.mse_loss(out, y, reduction="sum") / out.numel()
+    return loss_fn
+
+
 def loss_terms(loss_fn: LossFn, y: Tensor) -> Tensor | int:
     """What a "mean" loss divides its batch sum by, so batches can be weighted exactly.
 

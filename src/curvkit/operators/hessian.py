@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.func import grad_and_value, jvp, vmap
 
 from ..errors import ArgumentError
+from ._losses import forward_ad_safe
 from .base import CurvatureOperator
 
 Method = Literal["auto", "forward-over-reverse", "double-backward"]
@@ -46,7 +47,7 @@ class HessianOperator(CurvatureOperator):
     def _batch_matmat(self, x: Any, y: Tensor, V: list[Tensor], index: int) -> tuple[list[Tensor], Tensor]:
         names, k = self.param_names, V[0].shape[0]
         if self.strategy != "double-backward":
-            f, params, loss_fn = self._model_fn(), self._param_dict(), self.loss_fn
+            f, params, loss_fn = self._model_fn(), self._param_dict(), forward_ad_safe(self.loss_fn)
 
             def grad_with_loss(p):
                 return grad_and_value(lambda q: loss_fn(f(q, x), y))(p)  # (gradient, aux=loss)
