@@ -208,6 +208,20 @@ def test_blocks_are_diagonal_blocks():
             assert_close(B.dense(), full[idx][:, idx])
 
 
+def test_parameters_of_the_root_module_form_one_layer():
+    model = nn.Linear(3, 2).double()
+    H = ck.hessian(model, CE, (torch.randn(5, 3, dtype=DT), torch.randint(0, 2, (5,))))
+    assert list(H.blocks("layer")) == ["(root)"]
+    assert_close(H.blocks("layer")["(root)"].dense(), H.dense())
+
+
+def test_scaling_by_a_zero_dim_tensor():
+    model, batches = make_model("mlp"), make_batches("mlp", "ce")
+    H = ck.hessian(model, CE, batches)
+    v = torch.randn(H.shape[0], dtype=DT)
+    assert_close((torch.tensor(0.5) * H) @ v, 0.5 * (H @ v))
+
+
 def test_tied_weights_across_modules():
     """Two modules holding the same Parameter: one block, both uses differentiated."""
 

@@ -77,6 +77,8 @@ class LinearOperator:
         return SumOperator(self, ScaledOperator(other, -1.0))
 
     def __mul__(self, c: float) -> LinearOperator:
+        if isinstance(c, Tensor) and c.numel() == 1:
+            c = c.item()
         if not isinstance(c, (int, float)):
             return NotImplemented
         return ScaledOperator(self, float(c))
@@ -290,6 +292,8 @@ class CurvatureOperator(LinearOperator):
     def blocks(self, by: Literal["layer", "param"] = "layer") -> dict[str, CurvatureOperator]:
         """Diagonal blocks of this operator: one per module ("layer") or per parameter.
 
+        Parameters held by the root module itself (a bare ``nn.Linear``) form the "(root)" layer.
+
         Each block is the same kind of operator restricted to that block's parameters (its
         products cost a forward/backward over the data like the full operator's).
         """
@@ -297,7 +301,7 @@ class CurvatureOperator(LinearOperator):
             raise ArgumentError(f"by must be 'layer' or 'param', got {by!r}")
         groups: dict[str, list[tuple[str, Tensor]]] = {}
         for name, p in self._named:
-            key = (name.rpartition(".")[0] or name) if by == "layer" else name
+            key = (name.rpartition(".")[0] or "(root)") if by == "layer" else name
             groups.setdefault(key, []).append((name, p))
         out = {}
         for key, named in groups.items():
