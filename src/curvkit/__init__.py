@@ -1,6 +1,7 @@
 """curvkit: curvature of PyTorch models without forming a matrix, and what to do with it."""
 
 from . import errors
+from .analyze import analyze
 from .errors import CurvkitError
 from .linalg import diagonal, eigenvalues, power_iteration, solve, spectral_density, trace
 from .operators import fisher, ggn, hessian, identity_like
@@ -10,5 +11,6 @@ __version__ = "0.1.0"
 __all__ = [
     "hessian", "ggn", "fisher", "identity_like",
     "eigenvalues", "trace", "diagonal", "spectral_density", "solve", "power_iteration",
+    "analyze",
     "errors", "CurvkitError", "__version__",
 ]

@@ -1,0 +1,392 @@
+"""``ck.analyze``: a curvature report of a model on its data, composed from the operators and the
+linear algebra (no linear algebra of its own: DESIGN.md rule 2)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._progress import progress as progress_bar
+from ..errors import ArgumentError, DataError, NonFiniteError
+
+SCHEMA_VERSION = "curvkit.report/1"
+OUTLIER_RULE = (
+    "outliers are the top-k Lanczos eigenvalues of the Hessian above the largest ratio gap "
+    "lambda_i / lambda_(i+1) among the positive ones, counted only if that gap is at least 2 "
+    "(else 0); a count of k-1 or more means k was too small to see the gap"
+)
+
+
+@dataclass
+class Report:
+    """A curvature report; every section is plain JSON-able data (see ``report.schema.json``).
+
+    Sections: ``settings`` (everything needed to reproduce it), ``model``, ``data``, ``loss``,
+    ``accuracy``, ``hessian`` and ``ggn`` (top-k eigenvalues with residuals), ``trace``,
+    ``density``, ``layers``, ``gradient``, ``outliers``, ``cost`` (products and seconds per quantity).
+    """
+
+    settings: dict
+    model: dict
+    data: dict
+    loss: dict
+    accuracy: dict
+    hessian: dict
+    ggn: dict
+    trace: dict
+    density: dict
+    layers: list
+    gradient: dict
+    outliers: dict
+    cost: dict
+    schema: str = SCHEMA_VERSION
+    warnings: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        """The report as JSON (schema ``report.schema.json``, shipped with the package). Free."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_markdown(self) -> str:
+        """A human summary with the tables. Free."""
+        from .markdown import render
+
+        return render(self)
+
+    def plot(self, directory: str | Path) -> list[Path]:
+        """Write ``spectrum.png`` and ``layers.png`` into ``directory`` (needs matplotlib). Free."""
+        from .plots import plot_layers, plot_spectrum
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        return [plot_spectrum(self, d / "spectrum.png"), plot_layers(self, d / "layers.png")]
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write report.json, report.md, spectrum.png and layers.png into ``directory``. Free."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "report.json").write_text(self.to_json() + "\n")
+        (d / "report.md").write_text(self.to_markdown())
+        return [d / "report.json", d / "report.md", *self.plot(d)]
+
+
+def schema() -> dict:
+    """The JSON schema of ``Report.to_json()``."""
+    return json.loads((Path(__file__).with_name("report.schema.json")).read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+def analyze(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    k: int = 12,
+    probes: int = 30,
+    density_probes: int = 4,
+    density_iterations: int = 60,
+    seed: int = 0,
+    params: Any = None,
+    heldout: Any = None,
+    tol: float = 1e-3,
+    block_size: int = 4,
+    max_products: int = 400,
+    progress: bool | None = None,
+    description: str | None = None,
+    settings: dict | None = None,
+) -> Report:
+    """A curvature report of ``loss_fn(model(inputs), targets)`` over ``data`` (model in eval mode).
+
+    Composes ``ck.hessian`` / ``ck.ggn`` with ``ck.eigenvalues``, ``ck.trace`` and
+    ``ck.spectral_density`` (also ``by="layer"``); ``settings`` adds entries to the report's
+    settings (the CLI records its command there). ``heldout``: a batch or batches for a held-out
+    loss and accuracy.
+
+    Cost, in operator products (columns) and passes over ``data``:
+    top-k Hessian and GGN eigenpairs, each at most ``max_products`` (block Lanczos, blocks of
+    ``block_size``); the Hessian trace, ``probes`` (Hutch++); per-layer traces, ``probes`` per
+    layer; per-layer top eigenvalue, at most ``max_products`` per layer (typically ~30-60);
+    the spectral density, ``density_probes * density_iterations``; plus one gradient pass over
+    ``data`` and one forward pass over ``heldout``. Each block product is one pass over ``data``.
+    The report's ``cost`` section records what was actually spent, and the seconds.
+    """
+    from .. import eigenvalues, ggn, hessian, spectral_density, trace
+
+    if not isinstance(k, int) or k < 1:
+        raise ArgumentError(f"k must be a positive integer, got {k!r}")
+    if not isinstance(probes, int) or probes < 4:
+        raise ArgumentError(f"probes must be an integer >= 4 (Hutch++ needs 4 for a standard error), got {probes!r}")
+    t_start = time.perf_counter()
+    warn_log: list[str] = []
+    cost: dict[str, dict] = {}
+    steps = ["loss and gradient", "Hessian top-k", "GGN top-k", "trace", "per-layer traces",
+             "per-layer top eigenvalue", "spectral density"]
+    bar = progress_bar(total=len(steps), desc="curvkit analyze", enabled=progress, unit="step")
+
+    @contextlib.contextmanager
+    def step(name: str) -> Iterator[dict]:
+        bar.set_description(f"curvkit analyze: {name}")
+        rec = {"products": 0, "passes": 0, "seconds": 0.0}
+        t0 = time.perf_counter()
+        yield rec
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        cost[name] = rec
+        bar.update(1)
+
+    try:
+        with _warnings_to(warn_log):
+            H = hessian(model, loss_fn, data, params)
+            n = H.shape[0]
+            if k >= n:
+                raise ArgumentError(f"k={k} must be below the number of analysed parameters ({n}); lower --k")
+
+            with step("loss and gradient") as rec:
+                loss, acc, grad, num_classes = _loss_and_gradient(H, model, loss_fn)
+                rec["passes"] = 1
+            held = {"loss": None, "accuracy": None, "examples": 0}
+            if heldout is not None:
+                held = _evaluate(model, loss_fn, heldout)
+
+            lanczos = dict(tol=tol, seed=seed, block_size=block_size, max_matvecs=max_products, progress=progress)
+            with step("Hessian top-k") as rec:
+                eh = eigenvalues(H, k=k, **lanczos)
+                rec["products"], rec["passes"] = eh.matvecs, eh.iterations
+            with step("GGN top-k") as rec:
+                G = ggn(model, loss_fn, data, params)
+                eg = eigenvalues(G, k=k, **lanczos)
+                rec["products"], rec["passes"] = eg.matvecs, eg.iterations
+            with step("trace") as rec:
+                tr = trace(H, probes=probes, seed=seed)
+                rec["products"], rec["passes"] = tr.matvecs, None  # Hutch++: 3 block products per 64 probes
+            with step("per-layer traces") as rec:
+                ltr = trace(H, probes=probes, seed=seed, by="layer")
+                rec["products"], rec["passes"] = ltr.matvecs, None
+            with step("per-layer top eigenvalue") as rec:
+                leig = eigenvalues(H, k=1, by="layer", **lanczos)
+                rec["products"] = leig.matvecs
+                rec["passes"] = sum(r.iterations for _, r in leig.items())
+            with step("spectral density") as rec:
+                dens = spectral_density(H, iterations=density_iterations, probes=density_probes, grid=1000,
+                                        seed=seed, progress=progress)
+                rec["products"], rec["passes"] = dens.matvecs, int(dens.nodes.shape[1])
+    finally:
+        bar.close()
+
+    # the fraction of the gradient in span(V): V orthonormal, so ||V^T g||^2 / ||g||^2
+    V = eh.vectors
+    g = grad.to(V.dtype)
+    gnorm2 = float(g @ g)
+    frac = float((V.T @ g).square().sum()) / gnorm2 if gnorm2 > 0 else 0.0
+    density = _density_section(dens, n)
+    outliers = _outliers([float(v) for v in eh.values])
+    layers = _layer_section(model, H, ltr, leig)
+    n_total = sum(p.numel() for p in model.parameters())
+    first_x, _ = H.data.first()
+    sets = {
+        "seed": seed, "k": k, "probes": probes, "density_probes": density_probes,
+        "density_iterations": density_iterations, "block_size": block_size, "tol": tol,
+        "max_products": max_products, "params": None if params is None else str(params),
+        "mode": "eval", "dtype": str(H.dtype).replace("torch.", ""), "device": str(H.device),
+        "threads": torch.get_num_threads(), "curvkit": _version(), "torch": torch.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "loss_fn": _describe(loss_fn), "reduction": H.reduction,
+    }
+    sets.update(settings or {})
+    total_products = sum(r["products"] for r in cost.values())
+    return Report(
+        settings=sets,
+        model={"description": description or type(model).__name__, "parameters": n_total, "analysed_parameters": n,
+               "num_classes": num_classes},
+        data={"examples": H.num_data, "batches": len(H.data.sizes), "batch_sizes": list(H.data.sizes),
+              "input_shape": list(first_x.shape[1:]) if isinstance(first_x, Tensor) else None,
+              "heldout_examples": held["examples"]},
+        loss={"data": loss, "heldout": held["loss"]},
+        accuracy={"data": acc, "heldout": held["accuracy"]},
+        hessian=_eig_section(eh, cost["Hessian top-k"]),
+        ggn=_eig_section(eg, cost["GGN top-k"]),
+        trace={"value": tr.value, "stderr": tr.stderr, "method": tr.method, "probes": tr.probes,
+               **cost["trace"]},
+        density=density,
+        layers=layers,
+        gradient={"norm": math.sqrt(gnorm2), "fraction_in_top_k": frac, "k": k,
+                  "definition": "||V^T g||^2 / ||g||^2, V the top-k Hessian eigenvectors, g the gradient "
+                                "of the same loss over the same data"},
+        outliers={**outliers, "num_classes": num_classes, "rule": OUTLIER_RULE},
+        cost={"quantities": cost, "total_products": total_products,
+              "total_seconds": round(time.perf_counter() - t_start, 3)},
+        warnings=warn_log,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in was.items():
+            m.training = t
+
+
+@contextlib.contextmanager
+def _warnings_to(log: list[str]) -> Iterator[None]:
+    """Keep curvkit's warnings (e.g. no convergence) in the report as well as showing them."""
+    import warnings
+
+    from ..errors import CurvkitWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, *a, **kw):
+        if issubclass(category, CurvkitWarning):
+            log.append(f"{category.__name__}: {message}")
+        shown(message, category, *a, **kw)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
+def _is_classification(out: Any, y: Tensor) -> bool:
+    return (isinstance(out, Tensor) and out.dim() == 2 and out.shape[1] > 1 and y.dim() == 1
+            and not y.is_floating_point())
+
+
+def _loss_and_gradient(H, model: nn.Module, loss_fn: Any) -> tuple[float, float | None, Tensor, int | None]:
+    """Loss, accuracy and flat gradient (in H's parameter order) of the loss over H's data: one pass.
+
+    Batches are weighted exactly as the operator weights them (its ``loss_terms``), so the
+    gradient is that of the same loss whose Hessian the report describes.
+    """
+    from ..operators._losses import loss_terms
+
+    named = dict(model.named_parameters())
+    params = [named[name] for name in H.param_names]
+    grads = [torch.zeros_like(p) for p in params]
+    loss, correct, classes, cls, total = 0.0, 0, None, True, 0.0
+    mean = H.reduction == "mean"
+    with _eval_mode(model), torch.enable_grad():
+        for i, x, y in H.data:
+            out = model(x)
+            value = loss_fn(out, y)
+            if not torch.isfinite(value).all():
+                raise NonFiniteError(
+                    f"the loss is {float(value)} on batch {i} at these parameters; check the "
+                    "checkpoint and the inputs for NaN/inf"
+                )
+            w = float(loss_terms(loss_fn, y)) if mean else 1.0
+            total += w
+            for acc, gi in zip(grads, torch.autograd.grad(value, params, allow_unused=True)):
+                if gi is not None:
+                    acc.add_(gi, alpha=w)
+            loss += w * float(value.detach())
+            cls = cls and _is_classification(out, y)
+            if cls:
+                correct += int((out.argmax(1) == y).sum())
+                classes = int(out.shape[1])
+    acc = correct / H.num_data if cls else None
+    scale = total if mean else 1.0
+    return loss / scale, acc, H.flatten(grads).detach() / scale, classes if cls else None
+
+
+def _evaluate(model: nn.Module, loss_fn: Any, data: Any) -> dict:
+    """Mean loss and accuracy over held-out batches: one forward pass."""
+    from ..operators._data import is_batch
+
+    batches = [data] if is_batch(data) else list(data)
+    if not batches:
+        raise DataError("the held-out data is empty")
+    total, loss, correct, cls = 0, 0.0, 0, True
+    with _eval_mode(model), torch.no_grad():
+        for x, y in batches:
+            out = model(x)
+            loss += float(loss_fn(out, y)) * len(y)
+            total += len(y)
+            cls = cls and _is_classification(out, y)
+            if cls:
+                correct += int((out.argmax(1) == y).sum())
+    return {"loss": loss / total, "accuracy": correct / total if cls else None, "examples": total}
+
+
+def _eig_section(r, rec: dict) -> dict:
+    vals = [float(v) for v in r.values]
+    res = [float(v) for v in r.residuals]
+    return {"values": vals, "residuals": res, "converged": bool(r.converged), "iterations": int(r.iterations),
+            **rec}
+
+
+def _outliers(values: list[float]) -> dict:
+    """The count of :data:`OUTLIER_RULE` from descending eigenvalues; ``threshold`` (for the
+    figure) is the geometric mean across the gap."""
+    pos = [v for v in values if v > 0]
+    ratios = [pos[i] / pos[i + 1] for i in range(len(pos) - 1)]
+    best = max(range(len(ratios)), key=ratios.__getitem__, default=None)
+    if best is None or ratios[best] < 2:
+        return {"count": 0, "gap_ratio": max(ratios, default=None), "threshold": None, "capped_at_k": False}
+    count = best + 1
+    return {"count": count, "gap_ratio": ratios[best], "threshold": math.sqrt(pos[best] * pos[best + 1]),
+            "capped_at_k": count >= len(values) - 1}
+
+
+def _density_section(d, n: int) -> dict:
+    """The density and its standard error over probes (the same Gaussian smoothing applied to
+    each probe's quadrature separately)."""
+    t, nodes, weights, sigma = d.grid, d.nodes, d.weights, d.sigma
+    P = nodes.shape[0]
+    kern = torch.exp(-0.5 * ((t[:, None, None] - nodes[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    per = (kern * weights[None]).sum(-1)  # (grid, probes)
+    mass = float(torch.trapezoid(per.mean(1), t))
+    stderr = per.std(1, correction=1) / math.sqrt(P) / mass if P > 1 else torch.zeros_like(t)
+    return {
+        "grid": [float(v) for v in t], "density": [float(v) for v in d.density],
+        "density_stderr": [float(v) for v in stderr], "sigma": float(sigma), "probes": P,
+        "iterations": int(nodes.shape[1]), "nodes": nodes.tolist(), "weights": weights.tolist(),
+        "node_min": float(nodes.min()),
+        "node_max": float(nodes.max()), "products": d.matvecs,
+    }
+
+
+def _layer_section(model: nn.Module, H, ltr, leig) -> list:
+    blocks = H.blocks("layer")
+    out = []
+    for name, tr in ltr.items():
+        try:
+            kind = type(model.get_submodule(name)).__name__
+        except AttributeError:  # "(root)": parameters the model itself holds
+            kind = type(model).__name__
+        e = leig[name]
+        out.append({
+            "name": name, "type": kind, "parameters": blocks[name].shape[0],
+            "trace": tr.value, "trace_stderr": tr.stderr, "trace_products": tr.matvecs,
+            "top_eigenvalue": float(e.values[0]), "top_residual": float(e.residuals[0]),
+            "converged": bool(e.converged), "eig_products": e.matvecs,
+        })
+    return out
+
+
+def _describe(loss_fn: Any) -> str:
+    if isinstance(loss_fn, nn.Module):
+        return repr(loss_fn)
+    return getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
