@@ -1,0 +1,5 @@
+"""``python -m curvkit``: the same as the ``curvkit`` command."""
+
+from .cli import main
+
+main()

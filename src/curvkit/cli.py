@@ -1,0 +1,329 @@
+"""The ``curvkit`` command: thin — it parses, loads the user's objects, calls the API and prints.
+
+Bad input (a module that does not import, checkpoint keys that do not match, data of the wrong
+type, CUDA asked for but absent, an unknown loss, an unwritable output folder, a NaN loss) is a
+:class:`~curvkit.errors.CurvkitError`: one line on stderr, exit code 2, no traceback unless
+``--debug``. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .errors import ArgumentError, CurvkitError, DataError, LossError, ModelError
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None,
+                  help="curvkit: curvature of PyTorch models without forming a matrix.")
+
+LOSSES = ("cross_entropy", "mse", "bce")
+EXAMPLES = """\b
+Examples:
+  curvkit analyze                                   # the embedded default: a CNN on real digits
+  curvkit analyze --fast --out /tmp/report          # smaller, quicker configuration
+  curvkit analyze --model mypkg.models:build --data mypkg.data:val_batches \\
+                  --checkpoint model.pt --loss cross_entropy --k 20 --out report/
+  curvkit analyze --model ./net.py:make_net --data ./net.py:batches --params 'fc|head'
+\b
+--model and --data name a callable as module:function (a dotted module on the Python path or
+the current folder, or a path/to/file.py); it is called with no arguments. --data may return one
+(inputs, targets) batch, a list of them or a DataLoader (iterated in order; use shuffle=False).
+Writes report.json (schema: curvkit/analyze/report.schema.json), report.md, spectrum.png and
+layers.png to --out. Bad input exits with code 2 and one line on stderr.
+"""
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        import platform
+
+        import torch
+
+        from . import __version__
+
+        typer.echo(f"curvkit {__version__} (torch {torch.__version__}, python {platform.python_version()})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Print curvkit's version and exit."),
+) -> None:
+    """curvkit: curvature of PyTorch models without forming a matrix."""
+
+
+@app.command(epilog=EXAMPLES)
+def analyze(
+    model: Optional[str] = typer.Option(None, help="module:function returning an nn.Module (default: the embedded CNN on digits)."),
+    data: Optional[str] = typer.Option(None, help="module:function returning a batch, a list of batches or a DataLoader."),
+    loss: str = typer.Option("cross_entropy", help="cross_entropy | mse | bce (with logits) | module:function."),
+    checkpoint: Optional[Path] = typer.Option(None, help="state_dict to load into the model (torch.load, weights_only=True)."),
+    unsafe_pickle: bool = typer.Option(False, "--unsafe-pickle", help="Allow a checkpoint that needs full unpickling (runs code from the file: only for files you trust)."),
+    params: Optional[str] = typer.Option(None, help="Regex: analyse only the parameters whose names match."),
+    k: int = typer.Option(12, help="Number of top eigenvalues (Hessian and GGN); more than the classes to count outliers."),
+    probes: int = typer.Option(30, help="Hutch++ probes per trace (full and per layer)."),
+    batches: Optional[int] = typer.Option(None, help="Use at most this many batches of the data."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    dtype: str = typer.Option("float32", help="float32 | float64"),
+    seed: int = typer.Option(0, help="Seed of every random choice (training of the default, probes, starting vectors)."),
+    out: Path = typer.Option(Path("curvkit-report"), help="Output folder."),
+    threads: int = typer.Option(0, help="CPU threads (0: torch's choice; the embedded default uses 1, its products are too small to gain from more)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary."),
+    fast: bool = typer.Option(False, "--fast", help="A smaller, quicker configuration of the same computation (for tests)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """A curvature report of a model on its data: top eigenvalues of the Hessian and the GGN,
+    trace, spectral density, per-layer sensitivities, gradient/top-subspace overlap; with plots."""
+    try:
+        _analyze(model, data, loss, checkpoint, unsafe_pickle, params, k, probes, batches, device, dtype,
+                 seed, out, threads, quiet, fast, debug)
+    except CurvkitError as e:
+        if debug:
+            raise
+        msg = " ".join(str(e).split())  # one line, whatever the message held
+        typer.echo(f"curvkit: error: {msg}", err=True)
+        raise typer.Exit(2) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``curvkit``, ``python -m curvkit``)."""
+    app(args=argv, prog_name="curvkit")
+
+
+# ----------------------------------------------------------------------------------------------
+def _analyze(model_spec, data_spec, loss_spec, checkpoint, unsafe_pickle, params, k, probes, batches, device,
+             dtype, seed, out, threads, quiet, fast, debug) -> None:
+    import time
+
+    import torch
+
+    from .analyze import analyze as run_analysis
+    from .analyze import default
+
+    t0 = time.perf_counter()
+    warnings.formatwarning = lambda m, c, *a, **kw: f"curvkit: warning: {' '.join(str(m).split())}\n"
+    if dtype not in ("float32", "float64"):
+        raise ArgumentError(f"--dtype must be float32 or float64, got {dtype!r}")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ArgumentError(f"--device must be cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ArgumentError(
+            f"--device {device}: CUDA is not available (torch {torch.__version__}"
+            f"{' is a CPU-only build' if torch.version.cuda is None else ' sees no GPU'}); use --device cpu"
+        )
+    if batches is not None and batches < 1:
+        raise ArgumentError(f"--batches must be >= 1, got {batches}")
+    if (data_spec or checkpoint) and not model_spec:
+        raise ArgumentError("--data and --checkpoint need --model (without them the embedded default is analysed)")
+    if model_spec and not data_spec:
+        raise ArgumentError("--model needs --data (a module:function returning the batches to analyse)")
+    loss_fn = _loss(loss_spec, debug)
+    _check_writable(out)
+    show = None if not quiet else False
+    torch_dtype = getattr(torch, dtype)
+    heldout = None
+    if model_spec is None:
+        torch.set_num_threads(threads or 1)
+        problem = default.build(seed=seed, fast=fast, batches=batches, progress=show)
+        model, loss_fn, batch_list, heldout = problem.model, problem.loss_fn, problem.data, problem.heldout
+        description = problem.description
+    else:
+        if threads:
+            torch.set_num_threads(threads)
+        model = _model(model_spec, debug)
+        if checkpoint is not None:
+            _load_checkpoint(model, checkpoint, unsafe_pickle)
+        batch_list = _data(data_spec, batches, debug)
+        description = f"{type(model).__name__} from {model_spec}" + (f", checkpoint {checkpoint}" if checkpoint else "")
+    model = model.to(device=device, dtype=torch_dtype)
+    batch_list = [_move(b, device, torch_dtype) for b in batch_list]
+    heldout = _move(heldout, device, torch_dtype) if heldout is not None else None
+    sizes = dict(k=k, probes=probes)
+    if fast:
+        sizes.update(probes=min(probes, 12), density_probes=3, density_iterations=30, max_products=200)
+    report = run_analysis(
+        model, loss_fn, batch_list, params=params, heldout=heldout, seed=seed, progress=show,
+        description=description, settings={"command": "curvkit " + " ".join(sys.argv[1:]), "fast": fast},
+        **sizes,
+    )
+    try:
+        report.save(out)
+    except OSError as e:
+        raise ArgumentError(f"--out {out}: cannot write the report there ({e.strerror or e})") from e
+    if not quiet:
+        h, tr, o = report.hessian, report.trace, report.outliers
+        acc = report.accuracy["heldout"] if report.accuracy["heldout"] is not None else report.accuracy["data"]
+        lines = [
+            description,
+            f"loss {report.loss['data']:.4g}" + (f", accuracy {acc:.1%}" if acc is not None else ""),
+            f"top Hessian eigenvalue {h['values'][0]:.4g} (residual {h['residuals'][0]:.1e}), "
+            f"trace {tr['value']:.4g} ± {tr['stderr']:.2g}, "
+            f"{report.gradient['fraction_in_top_k']:.1%} of the gradient in the top-{k} eigenspace, "
+            f"{o['count']} outlier eigenvalues for {o['num_classes'] or 'n/a'} classes",
+            f"{report.cost['total_products']} products, {time.perf_counter() - t0:.1f}s in all",
+            f"report written to {out}/ (report.md, report.json, spectrum.png, layers.png)",
+        ]
+        typer.echo("\n".join(lines))
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".curvkit-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ArgumentError(f"--out {out}: cannot write there ({e.strerror or e}); choose another folder") from None
+
+
+def _load_attr(spec: str, flag: str) -> Any:
+    """``module:attr`` or ``path/to/file.py:attr`` -> the attribute."""
+    mod_name, sep, attr = spec.rpartition(":")
+    if not sep or not mod_name or not attr:
+        raise ArgumentError(f"{flag} {spec!r}: expected module:function (e.g. mypkg.models:build_model)")
+    try:
+        if mod_name.endswith(".py") or "/" in mod_name or "\\" in mod_name:
+            path = Path(mod_name)
+            if not path.is_file():
+                raise ArgumentError(f"{flag} {spec!r}: cannot import {mod_name}: no such file")
+            name = f"_curvkit_user_{path.stem}"
+            module = sys.modules.get(name)
+            if module is None or getattr(module, "__file__", None) != str(path.resolve()):
+                s = importlib.util.spec_from_file_location(name, path.resolve())
+                module = importlib.util.module_from_spec(s)
+                sys.modules[name] = module
+                s.loader.exec_module(module)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))  # as `python -m` would: modules in the current folder
+            module = importlib.import_module(mod_name)
+    except CurvkitError:
+        raise
+    except Exception as e:  # the user's module failing to import is bad input, whatever it raised
+        raise ArgumentError(f"{flag} {spec!r}: cannot import module {mod_name!r}: {type(e).__name__}: {e}") from e
+    if not hasattr(module, attr):
+        raise ArgumentError(f"{flag} {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def _call(fn: Any, spec: str, flag: str, debug: bool) -> Any:
+    if not callable(fn):
+        raise ArgumentError(f"{flag} {spec!r} is a {type(fn).__name__}, not a callable")
+    if debug:
+        return fn()
+    try:
+        return fn()
+    except Exception as e:
+        raise ArgumentError(f"{flag} {spec!r}: calling it raised {type(e).__name__}: {e} (run with --debug for the traceback)") from e
+
+
+def _model(spec: str, debug: bool):
+    from torch import nn
+
+    obj = _load_attr(spec, "--model")
+    model = obj if isinstance(obj, nn.Module) else _call(obj, spec, "--model", debug)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"--model {spec!r} returned {type(model).__name__}; it must return a torch.nn.Module")
+    return model
+
+
+def _loss(spec: str, debug: bool):
+    from torch import nn
+
+    named = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}
+    if spec in named:
+        return named[spec]()
+    if ":" not in spec:
+        raise LossError(f"--loss {spec!r}: unknown loss; use one of {', '.join(LOSSES)} or module:function")
+    obj = _load_attr(spec, "--loss")
+    if isinstance(obj, type) and issubclass(obj, nn.Module):
+        return _call(obj, spec, "--loss", debug)
+    if not callable(obj):
+        raise LossError(f"--loss {spec!r} is a {type(obj).__name__}, not a callable loss(outputs, targets)")
+    return obj
+
+
+def _data(spec: str, limit: int | None, debug: bool) -> list:
+    from torch import Tensor
+
+    from .operators._data import is_batch
+
+    obj = _call(_load_attr(spec, "--data"), spec, "--data", debug)
+    expected = "expected an (inputs, targets) batch, a list of them or a DataLoader"
+    if is_batch(obj):
+        return [tuple(obj)]
+    if isinstance(obj, (str, bytes, dict, Tensor)) or not hasattr(obj, "__iter__"):
+        raise DataError(f"--data {spec!r} returned {type(obj).__name__}; {expected}")
+    out = []
+    for i, b in enumerate(obj):
+        if limit is not None and i >= limit:
+            break
+        if not is_batch(b):
+            what = type(b).__name__ + (f" of length {len(b)}" if hasattr(b, "__len__") else "")
+            raise DataError(f"--data {spec!r}: item {i} is a {what}, not an (inputs, targets) pair of tensors; {expected}")
+        out.append(tuple(b))
+    if not out:
+        raise DataError(f"--data {spec!r} returned no batch")
+    return out
+
+
+def _move(batch, device: str, dtype) -> tuple:
+    x, y = batch
+    x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+    y = y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)
+    return x, y
+
+
+def _load_checkpoint(model, path: Path, unsafe: bool) -> None:
+    import pickle
+
+    import torch
+    from torch import nn
+
+    if not path.is_file():
+        raise ArgumentError(f"--checkpoint {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not unsafe:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(
+                f"--checkpoint {path}: refused, it holds pickled Python objects that weights_only=True "
+                f"will not load ({first}); pass --unsafe-pickle only if you trust the file, or save "
+                "model.state_dict() instead"
+            ) from None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ModelError(f"--checkpoint {path}: cannot be read by torch.load ({type(e).__name__}: {e})") from e
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    if isinstance(state, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise ModelError(f"--checkpoint {path} holds a {type(state).__name__}, not a state_dict")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ModelError(
+            f"--checkpoint {path}: keys do not match the model: missing {missing or 'none'}; "
+            f"unexpected {unexpected or 'none'}"
+        )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelError(f"--checkpoint {path}: {' '.join(str(e).split())}") from e
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
