@@ -1,0 +1,141 @@
+"""ck.analyze against exact answers: a linear least-squares model whose Hessian is known in closed
+form, and the per-layer/full trace consistency on a small MLP on real digits."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import curvkit as ck
+from curvkit import datasets
+from curvkit.analyze import schema
+
+from ._schema import png_size, validate
+
+
+@pytest.fixture(autouse=True, scope="module")  # module scope: it must precede the module's fixtures
+def _one_thread():
+    """Small models: extra threads only add contention on a busy CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def least_squares():
+    """Linear regression with MSE: H = 2/N [X 1]^T [X 1], computed densely; spread column scales
+    give well-separated top eigenvalues."""
+    g = torch.Generator().manual_seed(0)
+    N, d = 400, 150
+    X = torch.randn(N, d, generator=g, dtype=torch.float64) * torch.logspace(1, -1, d, dtype=torch.float64)
+    y = torch.randn(N, 1, generator=g, dtype=torch.float64)
+    model = nn.Linear(d, 1).double()
+    data = [(X[i : i + 100], y[i : i + 100]) for i in range(0, N, 100)]
+    A = torch.cat([X, torch.ones(N, 1, dtype=torch.float64)], 1)
+    H = 2.0 / N * A.T @ A  # parameter order: weight (d), bias (1)
+    with torch.no_grad():
+        r = model(X) - y
+    grad = 2.0 / N * A.T @ r[:, 0]
+    report = ck.analyze(model, nn.MSELoss(), data, k=5, probes=60, seed=0, progress=False)
+    return report, H, grad
+
+
+def test_known_hessian_top_eigenvalues_within_residuals(least_squares):
+    report, H, _ = least_squares
+    exact = torch.linalg.eigvalsh(H).flip(0)[:5]
+    for name in ("hessian", "ggn"):  # for MSE on a linear model the GGN is the Hessian
+        got = report.to_dict()[name]
+        assert got["converged"]
+        for lam, val, res in zip(exact.tolist(), got["values"], got["residuals"]):
+            # a Ritz value with residual r lies within r of an eigenvalue (symmetric matrix)
+            assert abs(lam - val) <= res + 1e-9 * abs(lam), (name, lam, val, res)
+
+
+def test_known_hessian_trace_within_4_stderr(least_squares):
+    report, H, _ = least_squares
+    tr = report.trace
+    assert tr["stderr"] > 0
+    assert abs(tr["value"] - float(H.trace())) < 4 * tr["stderr"]
+    (layer,) = report.layers  # a bare nn.Linear is one layer
+    assert abs(layer["trace"] - float(H.trace())) < 4 * layer["trace_stderr"]
+    assert abs(layer["top_eigenvalue"] - float(torch.linalg.eigvalsh(H)[-1])) <= layer["top_residual"] + 1e-9
+
+
+def test_known_gradient_fraction(least_squares):
+    report, H, grad = least_squares
+    lam, U = torch.linalg.eigh(H)
+    exact = float((U[:, -5:].T @ grad).square().sum() / grad.square().sum())
+    # Davis-Kahan: the Ritz subspace is within angle ||R||_F / gap of the true one, and the
+    # fraction (a squared projection norm) moves by at most twice that
+    res = torch.tensor(report.hessian["residuals"], dtype=torch.float64)
+    bound = 2 * float(res.norm()) / float(lam[-5] - lam[-6])
+    assert report.gradient["norm"] == pytest.approx(float(grad.norm()), rel=1e-9)
+    assert abs(report.gradient["fraction_in_top_k"] - exact) <= bound, (exact, bound)
+
+
+def test_density_integrates_to_one(least_squares):
+    report, H, _ = least_squares
+    d = report.density
+    mass = torch.trapezoid(torch.tensor(d["density"]), torch.tensor(d["grid"]))
+    assert float(mass) == pytest.approx(1.0, abs=1e-6)
+    assert len(d["density_stderr"]) == len(d["grid"])
+
+
+@pytest.fixture(scope="module")
+def mlp_report():
+    x, y = datasets.digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    data = datasets.batches(x[:512], y[:512], 256)
+    return ck.analyze(model, nn.CrossEntropyLoss(), data, k=12, probes=24, density_iterations=30,
+                      density_probes=3, heldout=(x[512:700], y[512:700]), progress=False)
+
+
+def test_layer_traces_sum_to_full_trace(mlp_report):
+    layers, tr = mlp_report.layers, mlp_report.trace
+    assert [b["name"] for b in layers] == ["1", "3"]
+    total = sum(b["trace"] for b in layers)
+    combined = math.sqrt(sum(b["trace_stderr"] ** 2 for b in layers) + tr["stderr"] ** 2)
+    assert abs(total - tr["value"]) < 4 * combined
+
+
+def test_report_json_validates_and_records_settings(mlp_report):
+    doc = json.loads(mlp_report.to_json())
+    assert validate(doc, schema()) == []
+    s = doc["settings"]
+    assert s["mode"] == "eval" and s["seed"] == 0 and s["torch"] == torch.__version__
+    assert doc["data"]["examples"] == 512 and doc["data"]["heldout_examples"] == 188
+    assert doc["model"]["num_classes"] == 10 and 0 <= doc["accuracy"]["heldout"] <= 1
+    assert doc["cost"]["total_products"] == sum(q["products"] for q in doc["cost"]["quantities"].values())
+
+
+def test_schema_rejects_a_broken_report(mlp_report):
+    doc = json.loads(mlp_report.to_json())
+    del doc["trace"]["stderr"]
+    doc["hessian"]["converged"] = "yes"
+    errors = validate(doc, schema())
+    assert any("stderr" in e for e in errors) and any("converged" in e for e in errors)
+
+
+def test_markdown_and_plots(mlp_report, tmp_path):
+    md = mlp_report.to_markdown()
+    for header in ("| # | Hessian λ |", "| layer | type |", "| setting | value |", "| quantity | operator products |"):
+        assert header in md
+    paths = mlp_report.save(tmp_path)
+    assert sorted(p.name for p in paths) == ["layers.png", "report.json", "report.md", "spectrum.png"]
+    for name in ("spectrum.png", "layers.png"):
+        w, h = png_size(tmp_path / name)
+        assert 600 <= w <= 2000 and 250 <= h <= 1500, (name, w, h)
+
+
+def test_same_seed_same_report(least_squares):
+    report, _, _ = least_squares
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    a = ck.analyze(model, nn.CrossEntropyLoss(), (x, y), k=2, probes=8, density_iterations=5, progress=False)
+    b = ck.analyze(model, nn.CrossEntropyLoss(), (x, y), k=2, probes=8, density_iterations=5, progress=False)
+    assert a.trace == {**b.trace, "seconds": a.trace["seconds"]}
+    assert a.hessian["values"] == b.hessian["values"]
