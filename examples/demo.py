@@ -1,7 +1,7 @@
 """Train a small CNN for a few seconds on real handwritten digits, then measure its curvature.
 
-Run with `make demo` (or `python examples/demo.py`). No network: the digits ship with
-scikit-learn's wheel.
+The Python API by hand: `python examples/demo.py` (`make demo` runs `curvkit analyze`, the full
+report). No network: the digits ship with scikit-learn's wheel.
 """
 
 import time
