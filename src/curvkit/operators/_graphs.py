@@ -3,8 +3,9 @@
 A Hessian-vector product through ``torch.func`` launches a few thousand small kernels from
 Python; for batches of a few hundred examples the GPU waits on that Python. Capturing the
 per-batch product once and replaying it removes the Python and launch cost. A graph is keyed
-by the shapes of the batch and the number of probes, captured the second time a key is seen
-(the first, eager run doubles as warm-up), and dropped when the parameters are reallocated.
+by the shapes of the batch and the number of probes and captured the first time a key is
+seen, right after a warm-up run whose result is the product asked for (so capture costs no
+extra pass); graphs are dropped when the parameters are reallocated.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class _Captured:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
-            fn(self.x, self.y, self.V, index)
+            self.first = fn(self.x, self.y, self.V, index)  # the product asked for: no pass wasted
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -46,7 +47,6 @@ class GraphCache:
     def __init__(self, max_graphs: int = 2):
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
-        self.seen: set[tuple] = set()
         self.failed = False
         self._ptrs: tuple[int, ...] = ()
 
@@ -62,9 +62,6 @@ class GraphCache:
         key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, V[0].shape[0])
         graph = self.graphs.get(key)
         if graph is None:
-            if key not in self.seen:
-                self.seen.add(key)
-                return fn(x, y, V, index)
             try:
                 graph = _Captured(fn, x, y, V, index)
             except RuntimeError:  # an op that cannot be captured: stay eager from now on
@@ -74,5 +71,7 @@ class GraphCache:
             self.graphs[key] = graph
             while len(self.graphs) > self.max_graphs:  # each graph holds its activations' memory
                 self.graphs.popitem(last=False)
+            first, graph.first = graph.first, None
+            return first
         self.graphs.move_to_end(key)
         return graph(x, y, V)
