@@ -67,3 +67,17 @@ def test_tiny_network_hessian(tiny_hessian):
     tol = 4 * torch.sqrt(2 * exact * (1 - exact) / ((n + 2) * probes)) + 2e-3
     assert ((cdf[idx] - exact).abs() < tol).all()
     assert r.nodes.min() >= lam[0] - 1e-8 and r.nodes.max() <= lam[-1] + 1e-8  # Ritz values interlace
+
+
+def test_stderr_matches_the_spread_over_seeds():
+    """The reported pointwise stderr is the spread of the density across independent runs."""
+    A = sym(spectrum("decaying", n=120))
+    grid = torch.linspace(-0.5, 11.0, 200, dtype=torch.float64)
+    runs = [spectral_density(A, iterations=30, probes=4, grid=grid, sigma=0.3, seed=s) for s in range(40)]
+    spread = torch.stack([r.density for r in runs]).std(0, correction=1)
+    reported = torch.stack([r.stderr for r in runs]).mean(0)
+    assert runs[0].stderr.shape == grid.shape and bool((runs[0].stderr >= 0).all())
+    where = spread > 0.05 * spread.max()  # compare where there is spread to compare
+    ratio = float((reported[where] / spread[where]).median())
+    assert 0.7 < ratio < 1.4, ratio
+    assert math.isnan(float(spectral_density(A, iterations=10, probes=1, seed=0).stderr[0]))

@@ -119,8 +119,9 @@ def spectral_density(
         t = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid, dtype=_F64)
     else:
         raise ArgumentError(f"grid must be a number of points >= 2 or a 1-D tensor of points, got {grid!r}")
-    kernel = torch.exp(-0.5 * ((t[:, None] - nodes.reshape(1, -1)) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-    density = kernel @ weights.reshape(-1) / probes
+    kernel = torch.exp(-0.5 * ((t[:, None, None] - nodes[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    per_probe = (kernel * weights[None]).sum(-1)  # (grid, probes): one smoothed quadrature each
+    density = per_probe.mean(1)
     mass = float(torch.trapezoid(density, t))
     if user_grid and mass < 0.99:
         warnings.warn(
@@ -131,4 +132,6 @@ def spectral_density(
         )
     if mass <= 0:
         raise ArgumentError("the grid holds none of the spectral mass; widen it to cover the spectrum")
-    return DensityResult(t, density / mass, nodes, weights, matvecs, sigma)
+    # the probes are independent draws: their spread is the density's standard error
+    stderr = per_probe.std(1, correction=1) / math.sqrt(probes) if probes > 1 else torch.full_like(t, math.nan)
+    return DensityResult(t, density / mass, nodes, weights, matvecs, sigma, stderr / mass)

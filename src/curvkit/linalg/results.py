@@ -54,7 +54,8 @@ class DiagonalResult:
 @dataclass(frozen=True)
 class DensityResult:
     """A spectral density: ``density`` on ``grid`` integrates to one; ``nodes`` and
-    ``weights`` are the Gauss quadrature it was smoothed from, one row per probe."""
+    ``weights`` are the Gauss quadrature it was smoothed from, one row per probe; ``stderr``
+    is the density's pointwise standard error over the probes (NaN with a single probe)."""
 
     grid: Tensor
     density: Tensor
@@ -62,6 +63,7 @@ class DensityResult:
     weights: Tensor
     matvecs: int
     sigma: float = 0.0
+    stderr: Tensor | None = None
 
 
 @dataclass(frozen=True)
