@@ -12,4 +12,5 @@ def progress(total: int | None = None, desc: str = "", enabled: bool | None = No
     """A tqdm bar; ``enabled=None`` shows it only when stderr is a terminal."""
     if enabled is None:
         enabled = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, **kw)
+    kw.setdefault("leave", False)
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, **kw)

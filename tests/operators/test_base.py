@@ -576,3 +576,27 @@ def test_ggn_fisher_reference_sanity():
     batches = make_batches("mlp", "mse")
     assert_close(ref_hessian(model, nn.MSELoss(), batches), ref_ggn(model, nn.MSELoss(), batches))
     assert_close(ck.fisher(model, nn.MSELoss(), batches).dense(), ref_empirical_fisher(model, "mse", "mean", batches))
+
+
+@pytest.mark.parametrize("loss_fn", [CE, nn.CrossEntropyLoss(ignore_index=1), nn.CrossEntropyLoss(reduction="sum")],
+                         ids=["mean", "ignore-index", "sum"])
+def test_loss_and_gradient_is_that_of_the_concatenated_data(loss_fn):
+    model, batches = make_model("mlp"), make_batches("mlp", "ce")
+    x, y = concat(batches)
+    H = ck.hessian(model, loss_fn, batches)
+    seen = []
+    loss, grad = H.loss_and_gradient(on_batch=lambda out, t: seen.append(len(t)))
+    model.eval()
+    ref_loss = loss_fn(model(x), y)
+    ref_grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(ref_loss, list(model.parameters()))])
+    assert loss == pytest.approx(float(ref_loss), rel=1e-12)
+    assert_close(grad, ref_grad)
+    assert seen == [len(t) for _, t in batches]
+
+
+def test_loss_and_gradient_names_the_nan_batch():
+    model, batches = make_model("mlp"), make_batches("mlp", "ce")
+    batches[1][0][0, 0] = float("nan")  # construction checks batch 0 only
+    H = ck.hessian(model, CE, batches)
+    with pytest.raises(NonFiniteError, match="batch 1"):
+        H.loss_and_gradient()

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .._progress import progress as progress_bar
-from ..errors import ArgumentError, DataError, NonFiniteError
+from ..errors import ArgumentError, DataError
+from ..operators import model_mode
 
 SCHEMA_VERSION = "curvkit.report/1"
 OUTLIER_RULE = (
@@ -126,6 +127,8 @@ def analyze(
 
     if not isinstance(k, int) or k < 1:
         raise ArgumentError(f"k must be a positive integer, got {k!r}")
+    if not isinstance(density_probes, int) or density_probes < 2:
+        raise ArgumentError(f"density_probes must be an integer >= 2 (for the density's error bar), got {density_probes!r}")
     if not isinstance(probes, int) or probes < 4:
         raise ArgumentError(f"probes must be an integer >= 4 (Hutch++ needs 4 for a standard error), got {probes!r}")
     t_start = time.perf_counter()
@@ -153,7 +156,7 @@ def analyze(
                 raise ArgumentError(f"k={k} must be below the number of analysed parameters ({n}); lower --k")
 
             with step("loss and gradient") as rec:
-                loss, acc, grad, num_classes = _loss_and_gradient(H, model, loss_fn)
+                loss, acc, grad, num_classes = _loss_and_gradient(H)
                 rec["passes"] = 1
             held = {"loss": None, "accuracy": None, "examples": 0}
             if heldout is not None:
@@ -232,17 +235,6 @@ def analyze(
 
 # ----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in was.items():
-            m.training = t
-
-
-@contextlib.contextmanager
 def _warnings_to(log: list[str]) -> Iterator[None]:
     """Keep curvkit's warnings (e.g. no convergence) in the report as well as showing them."""
     import warnings
@@ -268,41 +260,21 @@ def _is_classification(out: Any, y: Tensor) -> bool:
             and not y.is_floating_point())
 
 
-def _loss_and_gradient(H, model: nn.Module, loss_fn: Any) -> tuple[float, float | None, Tensor, int | None]:
-    """Loss, accuracy and flat gradient (in H's parameter order) of the loss over H's data: one pass.
+def _loss_and_gradient(H) -> tuple[float, float | None, Tensor, int | None]:
+    """Loss, accuracy and flat gradient of the loss over H's data, weighted as H weights its
+    batches (``H.loss_and_gradient``): one forward and backward pass."""
+    seen = {"correct": 0, "classes": None, "cls": True}
 
-    Batches are weighted exactly as the operator weights them (its ``loss_terms``), so the
-    gradient is that of the same loss whose Hessian the report describes.
-    """
-    from ..operators._losses import loss_terms
+    def count(out: Any, y: Tensor) -> None:
+        seen["cls"] = seen["cls"] and _is_classification(out, y)
+        if seen["cls"]:
+            seen["correct"] += int((out.argmax(1) == y).sum())
+            seen["classes"] = int(out.shape[1])
 
-    named = dict(model.named_parameters())
-    params = [named[name] for name in H.param_names]
-    grads = [torch.zeros_like(p) for p in params]
-    loss, correct, classes, cls, total = 0.0, 0, None, True, 0.0
-    mean = H.reduction == "mean"
-    with _eval_mode(model), torch.enable_grad():
-        for i, x, y in H.data:
-            out = model(x)
-            value = loss_fn(out, y)
-            if not torch.isfinite(value).all():
-                raise NonFiniteError(
-                    f"the loss is {float(value)} on batch {i} at these parameters; check the "
-                    "checkpoint and the inputs for NaN/inf"
-                )
-            w = float(loss_terms(loss_fn, y)) if mean else 1.0
-            total += w
-            for acc, gi in zip(grads, torch.autograd.grad(value, params, allow_unused=True)):
-                if gi is not None:
-                    acc.add_(gi, alpha=w)
-            loss += w * float(value.detach())
-            cls = cls and _is_classification(out, y)
-            if cls:
-                correct += int((out.argmax(1) == y).sum())
-                classes = int(out.shape[1])
-    acc = correct / H.num_data if cls else None
-    scale = total if mean else 1.0
-    return loss / scale, acc, H.flatten(grads).detach() / scale, classes if cls else None
+    loss, grad = H.loss_and_gradient(on_batch=count)
+    if seen["cls"]:
+        return loss, seen["correct"] / H.num_data, grad, seen["classes"]
+    return loss, None, grad, None
 
 
 def _evaluate(model: nn.Module, loss_fn: Any, data: Any) -> dict:
@@ -313,7 +285,7 @@ def _evaluate(model: nn.Module, loss_fn: Any, data: Any) -> dict:
     if not batches:
         raise DataError("the held-out data is empty")
     total, loss, correct, cls = 0, 0.0, 0, True
-    with _eval_mode(model), torch.no_grad():
+    with model_mode(model, train=False), torch.no_grad():
         for x, y in batches:
             out = model(x)
             loss += float(loss_fn(out, y)) * len(y)
@@ -345,20 +317,12 @@ def _outliers(values: list[float]) -> dict:
 
 
 def _density_section(d, n: int) -> dict:
-    """The density and its standard error over probes (the same Gaussian smoothing applied to
-    each probe's quadrature separately)."""
-    t, nodes, weights, sigma = d.grid, d.nodes, d.weights, d.sigma
-    P = nodes.shape[0]
-    kern = torch.exp(-0.5 * ((t[:, None, None] - nodes[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-    per = (kern * weights[None]).sum(-1)  # (grid, probes)
-    mass = float(torch.trapezoid(per.mean(1), t))
-    stderr = per.std(1, correction=1) / math.sqrt(P) / mass if P > 1 else torch.zeros_like(t)
+    """The density with its pointwise standard error over probes (``DensityResult.stderr``)."""
     return {
-        "grid": [float(v) for v in t], "density": [float(v) for v in d.density],
-        "density_stderr": [float(v) for v in stderr], "sigma": float(sigma), "probes": P,
-        "iterations": int(nodes.shape[1]), "nodes": nodes.tolist(), "weights": weights.tolist(),
-        "node_min": float(nodes.min()),
-        "node_max": float(nodes.max()), "products": d.matvecs,
+        "grid": d.grid.tolist(), "density": d.density.tolist(), "density_stderr": d.stderr.tolist(),
+        "sigma": float(d.sigma), "probes": int(d.nodes.shape[0]), "iterations": int(d.nodes.shape[1]),
+        "nodes": d.nodes.tolist(), "weights": d.weights.tolist(), "node_min": float(d.nodes.min()),
+        "node_max": float(d.nodes.max()), "products": d.matvecs,
     }
 
 

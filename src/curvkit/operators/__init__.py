@@ -2,14 +2,14 @@
 
 from ._params import flatten, resolve_params, unflatten
 from .base import (
-    CurvatureOperator, FunctionOperator, IdentityOperator, LinearOperator, identity_like,
+    CurvatureOperator, FunctionOperator, IdentityOperator, LinearOperator, identity_like, model_mode,
 )
 from .fisher import FisherOperator, fisher
 from .ggn import GGNOperator, ggn
 from .hessian import HessianOperator, hessian
 
 __all__ = [
-    "LinearOperator", "CurvatureOperator", "FunctionOperator", "IdentityOperator", "identity_like",
+    "LinearOperator", "CurvatureOperator", "FunctionOperator", "IdentityOperator", "identity_like", "model_mode",
     "HessianOperator", "GGNOperator", "FisherOperator", "hessian", "ggn", "fisher",
     "resolve_params", "flatten", "unflatten",
 ]

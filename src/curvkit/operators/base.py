@@ -221,8 +221,8 @@ class CurvatureOperator(LinearOperator):
             would make each product a different random matrix).
         reduction: override the loss's reduction ("mean" or "sum") when it cannot be read
             from ``loss_fn.reduction``.
-        cuda_graphs: replay the per-batch product as a CUDA graph (captured on the second
-            product with the same batch shape and probe count). ``None``: on CUDA devices.
+        cuda_graphs: replay the per-batch product as a CUDA graph (captured during the first
+            product with a given batch shape and probe count). ``None``: on CUDA devices.
     """
 
     _graph_safe = True  # False where a batch product draws random numbers (MC Fisher)
@@ -337,6 +337,36 @@ class CurvatureOperator(LinearOperator):
         self._check_finite(torch.stack(losses), out)
         return (out / total).T if self.reduction == "mean" else out.T
 
+    def loss_and_gradient(self, on_batch: Callable[[Any, Tensor], None] | None = None) -> tuple[float, Tensor]:
+        """The loss over all the data and its gradient (flat, in the operator's order).
+
+        Batches are weighted exactly as in the curvature products, so this is the gradient of
+        the loss whose curvature the operator is. ``on_batch(outputs, targets)`` sees each
+        batch's detached outputs (e.g. to count correct predictions).
+
+        Cost: one forward and one backward pass over the data.
+        """
+        f, grad = self._model_fn(), torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        losses, total, mean = [], 0.0, self.reduction == "mean"
+        with self._in_mode(), torch.enable_grad():
+            for _, x, y in self.data:
+                params = {n: p.requires_grad_(True) for n, p in self._param_dict().items()}
+                out = f(params, x)
+                value = self.loss_fn(out, y)
+                g = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+                flat = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
+                                  for gi, p in zip(g, params.values())])
+                w = loss_terms(self.loss_fn, y) if mean else 1.0
+                grad.add_(flat * w)
+                total = total + w
+                losses.append(value.detach().reshape(()) * w)
+                if on_batch is not None:
+                    on_batch(out.detach() if isinstance(out, Tensor) else out, y)
+        losses_t = torch.stack(losses)
+        self._check_finite(losses_t, grad[None])
+        scale = total if mean else 1.0
+        return float(losses_t.sum() / scale), grad / scale
+
     def _check_finite(self, losses: Tensor, out: Tensor) -> None:
         if not torch.isfinite(losses).all():
             i = int((~torch.isfinite(losses)).nonzero()[0, 0])
@@ -377,15 +407,8 @@ class CurvatureOperator(LinearOperator):
 
         return f
 
-    @contextlib.contextmanager
-    def _in_mode(self) -> Iterator[None]:
-        was = {m: m.training for m in self.model.modules()}
-        self.model.train(self.mode == "train")
-        try:
-            yield
-        finally:
-            for m, t in was.items():
-                m.training = t
+    def _in_mode(self) -> contextlib.AbstractContextManager:
+        return model_mode(self.model, train=self.mode == "train")
 
     def _validate_loss(self) -> None:
         """One forward on the first batch: the loss must be a finite scalar tensor."""
@@ -417,6 +440,18 @@ class CurvatureOperator(LinearOperator):
             raise NonFiniteError(
                 f"the loss is {float(loss)} on batch 0; check the inputs and the model's parameters for NaN/inf"
             )
+
+
+@contextlib.contextmanager
+def model_mode(model: nn.Module, train: bool = False) -> Iterator[None]:
+    """Run ``model`` in train or eval mode, then restore every module's own flag."""
+    was = {m: m.training for m in model.modules()}
+    model.train(train)
+    try:
+        yield
+    finally:
+        for m, t in was.items():
+            m.training = t
 
 
 def _refuse_active_dropout(model: nn.Module) -> None:
