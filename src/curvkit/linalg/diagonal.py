@@ -14,6 +14,17 @@ from .results import BlockResults, DiagonalResult
 _CHUNK = 64  # probes per block product: bounds memory for large operators
 
 
+def hutchinson_samples(A: Any, probes: int, gen: torch.Generator) -> torch.Tensor:
+    r"""``(n, probes)`` samples ``z * (A z)`` over Rademacher probes ``z`` drawn from ``gen``.
+
+    Each column is an unbiased estimate of ``diag(A)``; :func:`diagonal` averages them and the
+    optimizers in :mod:`curvkit.optim` feed them to their preconditioners. In ``A.dtype``;
+    raises NonFiniteError if a product is NaN/inf. Cost: ``probes`` operator products (one block).
+    """
+    Z = rademacher(check_square(A), probes, gen, A.dtype, A.device)
+    return Z * apply(A, Z, "diagonal probe product")
+
+
 def diagonal(
     A: Any,
     probes: int = 100,
@@ -39,8 +50,7 @@ def diagonal(
     m2 = torch.zeros_like(mean)  # sum of squared deviations, merged chunk by chunk (Chan et al.)
     seen = 0
     for i in range(0, probes, _CHUNK):
-        Z = rademacher(n, min(_CHUNK, probes - i), gen, A.dtype, A.device)
-        S = (Z * apply(A, Z, "diagonal probe product")).to(torch.float64)
+        S = hutchinson_samples(A, min(_CHUNK, probes - i), gen).to(torch.float64)
         c, cm = S.shape[1], S.mean(1)
         delta = cm - mean
         m2 += ((S - cm[:, None]) ** 2).sum(1) + delta**2 * seen * c / (seen + c)
