@@ -1,0 +1,1 @@
+"""Optimizer benchmark (issue 6): ``python -m benchmarks.optim --help``."""

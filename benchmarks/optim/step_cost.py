@@ -1,0 +1,103 @@
+"""Per-step cost of each optimizer in isolation, as a ratio to AdamW on the same workload.
+
+    python -m benchmarks.optim.step_cost --device cuda
+
+Each variant (an optimizer, and for the curvature optimizers each refresh period: every step,
+AdaHessian's default, and every 10 steps, Sophia's default) gets a fresh model and optimizer,
+``warmup`` untimed steps, then ``steps`` timed steps (a multiple of 10, so a 10-step refresh
+period is sampled whole), synchronised once at the end. Variants are timed in turn and the
+round repeated ``repeats`` times; the figure is the median round. Goal (issue 6): curvkit's
+AdaHessian/Sophia with the diagonal refreshed every 10 steps cost ≤ 1.3× an AdamW step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from .optimizers import SPECS, make_stepper
+from .workloads import WORKLOADS
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def variants(opt_names, workload):
+    """``(label, spec, refresh)`` for every importable optimizer that applies to ``workload``."""
+    out = []
+    for name in opt_names:
+        spec = SPECS[name]
+        if not spec.available()[0] or (spec.needs_likelihood and not workload.likelihood):
+            continue
+        if spec.hessian:
+            for r in (1, 10):
+                out.append((f"{name} (refresh {r})", spec, r))
+        else:
+            out.append((name, spec, None))
+    return out
+
+
+def step_costs(workload_names, opt_names, device, steps: int = 50, warmup: int = 3, repeats: int = 3,
+               data_dir=None, log=print) -> dict:
+    """``{workload: {variant: {"ms": ..., "ratio_to_adamw": ...}}}``; costs ``repeats * (warmup +
+    steps)`` optimizer steps per variant."""
+    steps = max(10, 10 * round(steps / 10))
+    opt_names = ["adamw"] + [o for o in opt_names if o != "adamw"]
+    out = {}
+    for wname in workload_names:
+        w = WORKLOADS[wname]
+        vs = variants(opt_names, w)
+        times = {label: [] for label, _, _ in vs}
+        for _ in range(repeats):
+            for label, spec, refresh in vs:
+                task = w.build(0, device, data_dir=data_dir)
+                opt = spec.make(task.model.parameters(), spec.lrs[1], refresh=refresh, seed=0)
+                if spec.schedule_free:
+                    opt.train()
+                step = make_stepper(spec, opt, task)
+                for i in range(warmup):
+                    step(i)
+                _sync(device)
+                t0 = time.perf_counter()
+                for i in range(warmup, warmup + steps):
+                    step(i)
+                _sync(device)
+                times[label].append((time.perf_counter() - t0) / steps)
+        base = statistics.median(times["adamw"])
+        out[wname] = {label: {"ms": round(statistics.median(t) * 1e3, 3),
+                              "ratio_to_adamw": round(statistics.median(t) / base, 3)} for label, t in times.items()}
+        for label, r in out[wname].items():
+            log(f"step cost  {wname:13s} {label:28s} {r['ms']:8.2f} ms  {r['ratio_to_adamw']:5.2f} x AdamW")
+    return out
+
+
+def markdown(costs: dict) -> str:
+    labels = list(dict.fromkeys(label for per in costs.values() for label in per))
+    lines = ["| optimizer | " + " | ".join(costs) + " |", "|---|" + "---|" * len(costs)]
+    for label in labels:
+        cells = [f"{costs[w][label]['ratio_to_adamw']:.2f}× ({costs[w][label]['ms']:.1f} ms)" if label in costs[w] else "n/a"
+                 for w in costs]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--optimizers", nargs="+", default=list(SPECS), choices=list(SPECS))
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--data-dir", default=None)
+    args = ap.parse_args()
+    print(markdown(step_costs(args.workloads, args.optimizers, args.device, args.steps, repeats=args.repeats,
+                              data_dir=args.data_dir)))
+
+
+if __name__ == "__main__":
+    main()

