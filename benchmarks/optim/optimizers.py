@@ -30,7 +30,8 @@ import torch
 @dataclass
 class OptSpec:
     name: str
-    lrs: list[float]            # the sweep (4 values, roughly x3 apart)
+    lrs: list[float]            # the sweep (4-5 values, roughly x3 apart; the Sophias' widened
+                                #   to 5 after a CPU run put their best rate at the top of 4)
     factory: Callable           # (params, lr, refresh, seed) -> optimizer
     style: str                  # "torch" | "curvkit" | "create_graph"
     needs_likelihood: bool = False   # Sophia-GNB: classification / LM only
@@ -90,9 +91,9 @@ SPECS: dict[str, OptSpec] = {s.name: s for s in [
             lambda p, lr, r, s: torch.optim.SGD(p, lr=lr, momentum=0.9), "torch", note="momentum 0.9"),
     OptSpec("adahessian", [1e-2, 3e-2, 1e-1, 3e-1], _ck("AdaHessian"), "curvkit",
             hessian=True, default_refresh=1, package="curvkit.optim", note="curvkit"),
-    OptSpec("sophia_h", [3e-4, 1e-3, 3e-3, 1e-2], _ck("Sophia", estimator="hutchinson"), "curvkit",
+    OptSpec("sophia_h", [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], _ck("Sophia", estimator="hutchinson"), "curvkit",
             hessian=True, default_refresh=10, package="curvkit.optim", note="curvkit, Hutchinson"),
-    OptSpec("sophia_gnb", [3e-4, 1e-3, 3e-3, 1e-2], _ck("Sophia", estimator="gnb"), "curvkit",
+    OptSpec("sophia_gnb", [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], _ck("Sophia", estimator="gnb"), "curvkit",
             needs_likelihood=True, hessian=True, default_refresh=10, package="curvkit.optim",
             note="curvkit, Gauss-Newton-Bartlett"),
     OptSpec("lion", [1e-4, 3e-4, 1e-3, 3e-3], _lion, "torch", package="lion_pytorch", note="lion-pytorch"),
@@ -100,7 +101,7 @@ SPECS: dict[str, OptSpec] = {s.name: s for s in [
             note="schedulefree.AdamWScheduleFree"),
     OptSpec("po_adahessian", [1e-2, 3e-2, 1e-1, 3e-1], _po("AdaHessian"), "create_graph",
             hessian=True, default_refresh=1, package="pytorch_optimizer", note="pytorch-optimizer (peer)"),
-    OptSpec("po_sophiah", [3e-3, 1e-2, 3e-2, 1e-1], _po("SophiaH"), "create_graph",
+    OptSpec("po_sophiah", [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], _po("SophiaH"), "create_graph",
             hessian=True, default_refresh=10, package="pytorch_optimizer", note="pytorch-optimizer (peer)"),
 ]}
 
