@@ -30,8 +30,8 @@ import torch
 @dataclass
 class OptSpec:
     name: str
-    lrs: list[float]            # the sweep (4-5 values, roughly x3 apart; the Sophias' widened
-                                #   to 5 after a CPU run put their best rate at the top of 4)
+    lrs: list[float]            # the sweep, roughly x3 apart: 5 values where the first CPU run put
+                                #   the best rate at the top of a 4-value grid, 4 for the AdaHessians
     factory: Callable           # (params, lr, refresh, seed) -> optimizer
     style: str                  # "torch" | "curvkit" | "create_graph"
     needs_likelihood: bool = False   # Sophia-GNB: classification / LM only
@@ -85,9 +85,9 @@ def _sf(params, lr, refresh, seed):
 
 
 SPECS: dict[str, OptSpec] = {s.name: s for s in [
-    OptSpec("adamw", [3e-4, 1e-3, 3e-3, 1e-2],
+    OptSpec("adamw", [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
             lambda p, lr, r, s: torch.optim.AdamW(p, lr=lr, weight_decay=0.0), "torch"),
-    OptSpec("sgd", [1e-2, 3e-2, 1e-1, 3e-1],
+    OptSpec("sgd", [1e-2, 3e-2, 1e-1, 3e-1, 1.0],
             lambda p, lr, r, s: torch.optim.SGD(p, lr=lr, momentum=0.9), "torch", note="momentum 0.9"),
     OptSpec("adahessian", [1e-2, 3e-2, 1e-1, 3e-1], _ck("AdaHessian"), "curvkit",
             hessian=True, default_refresh=1, package="curvkit.optim", note="curvkit"),
@@ -96,8 +96,8 @@ SPECS: dict[str, OptSpec] = {s.name: s for s in [
     OptSpec("sophia_gnb", [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], _ck("Sophia", estimator="gnb"), "curvkit",
             needs_likelihood=True, hessian=True, default_refresh=10, package="curvkit.optim",
             note="curvkit, Gauss-Newton-Bartlett"),
-    OptSpec("lion", [1e-4, 3e-4, 1e-3, 3e-3], _lion, "torch", package="lion_pytorch", note="lion-pytorch"),
-    OptSpec("sf_adamw", [1e-3, 3e-3, 1e-2, 3e-2], _sf, "torch", schedule_free=True, package="schedulefree",
+    OptSpec("lion", [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], _lion, "torch", package="lion_pytorch", note="lion-pytorch"),
+    OptSpec("sf_adamw", [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], _sf, "torch", schedule_free=True, package="schedulefree",
             note="schedulefree.AdamWScheduleFree"),
     OptSpec("po_adahessian", [1e-2, 3e-2, 1e-1, 3e-1], _po("AdaHessian"), "create_graph",
             hessian=True, default_refresh=1, package="pytorch_optimizer", note="pytorch-optimizer (peer)"),
