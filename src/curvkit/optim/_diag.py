@@ -57,12 +57,13 @@ def hvp_operator(grads: list[Tensor], params: list[Tensor]) -> FunctionOperator:
     def matmat(V: Tensor) -> Tensor:
         cols = []
         for j in range(V.shape[1]):
-            zs = [z.view_as(p).to(p.dtype) for z, p in zip(V[:, j].split(sizes), params)]
+            zs = [z.view_as(p).to(device=p.device, dtype=p.dtype) for z, p in zip(V[:, j].split(sizes), params)]
             hv = torch.autograd.grad(
                 out_grads, params, [z for z, u in zip(zs, used) if u], retain_graph=True, allow_unused=True
             )
             cols.append(torch.cat([
-                (h if h is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for h, p in zip(hv, params)
+                (h if h is not None else torch.zeros_like(p)).reshape(-1).to(device=V.device, dtype=dtype)
+                for h, p in zip(hv, params)
             ]))
         return torch.stack(cols, 1)
 
