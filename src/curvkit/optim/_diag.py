@@ -210,11 +210,6 @@ class DiagonalOptimizer(torch.optim.Optimizer):
                         "the loss does not depend on the optimizer's parameters (it has no gradient "
                         "graph); compute it from the model outside torch.no_grad() and do not detach it"
                     )
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(
-                        f"the loss is {loss.item()}; the parameters were not changed. Check the batch "
-                        "and lower the learning rate that led here"
-                    )
                 grads = torch.autograd.grad(loss, params, create_graph=hutch,
                                             retain_graph=refresh, allow_unused=True)
                 unused = [i for i, g in enumerate(grads) if g is None]
@@ -224,14 +219,13 @@ class DiagonalOptimizer(torch.optim.Optimizer):
                         f"the loss does not depend on {len(unused)} parameter(s) of shapes {shapes}; "
                         "freeze them (p.requires_grad_(False)) or leave them out of the optimizer"
                     )
-                if not all(torch.isfinite(g).all() for g in grads):
-                    raise NonFiniteError("the gradient has NaN/inf entries; the parameters were not changed")
                 diags = None
-                if refresh:
+                if refresh and bool(_all_finite([loss, *grads])):  # no curvature of a NaN gradient
                     diags = (hutchinson_diagonal(grads, params, self._gen) if hutch
                              else gnb_diagonal(logits, params, self._gen))
-                    if not all(torch.isfinite(d).all() for d in diags):
-                        raise NonFiniteError("the curvature estimate has NaN/inf entries; the parameters were not changed")
+                # one host read per step: a check per tensor would stall the GPU once per parameter
+                if not bool(_all_finite([loss, *grads, *(diags or [])])) or (refresh and diags is None):
+                    _raise_non_finite(loss, grads)
         except BaseException:
             self._gen.set_state(gen_state)  # a failed step leaves the random stream where it was
             raise
@@ -274,3 +268,20 @@ class DiagonalOptimizer(torch.optim.Optimizer):
                     self.state[p][k] = v.to(device=p.device, dtype=state_dtype(p), copy=True)
         self._steps = int(extra["steps"])
         self._gen.set_state(extra["generator"].cpu())
+
+
+def _all_finite(tensors: list[Tensor]) -> Tensor:
+    """A 0-d bool tensor: every entry of every tensor is finite (no host sync)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def _raise_non_finite(loss: Tensor, grads: list[Tensor]) -> None:
+    """Say which of the loss, the gradient or the curvature estimate is not finite."""
+    if not torch.isfinite(loss):
+        raise NonFiniteError(
+            f"the loss is {loss.item()}; the parameters were not changed. Check the batch "
+            "and lower the learning rate that led here"
+        )
+    if not bool(_all_finite(grads)):
+        raise NonFiniteError("the gradient has NaN/inf entries; the parameters were not changed")
+    raise NonFiniteError("the curvature estimate has NaN/inf entries; the parameters were not changed")
