@@ -259,7 +259,7 @@ class CurvatureOperator(LinearOperator):
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         self._graphs = GraphCache() if cuda_graphs and self._graph_safe else None
-        self._validate_loss()
+        self._setup(*self._validate_loss())
 
     # parameters and vectors ------------------------------------------------------------
     @property
@@ -410,8 +410,14 @@ class CurvatureOperator(LinearOperator):
     def _in_mode(self) -> contextlib.AbstractContextManager:
         return model_mode(self.model, train=self.mode == "train")
 
-    def _validate_loss(self) -> None:
-        """One forward on the first batch: the loss must be a finite scalar tensor."""
+    def _setup(self, out: Any, y: Tensor) -> None:
+        """Hook for subclasses that need the first batch's outputs (no extra forward)."""
+
+    def _validate_loss(self) -> tuple[Any, Tensor]:
+        """One forward on the first batch: the loss must be a finite scalar tensor.
+
+        Returns that batch's (detached) outputs and targets for :meth:`_setup`.
+        """
         x, y = self.data.first()
         with self._in_mode(), torch.no_grad():
             try:
@@ -440,6 +446,7 @@ class CurvatureOperator(LinearOperator):
             raise NonFiniteError(
                 f"the loss is {float(loss)} on batch 0; check the inputs and the model's parameters for NaN/inf"
             )
+        return out, y
 
 
 @contextlib.contextmanager

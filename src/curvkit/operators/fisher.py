@@ -56,7 +56,7 @@ class FisherOperator(OutputSpaceOperator):
 def fisher(model, loss_fn, data, params=None, kind: Literal["empirical", "mc"] = "empirical", **kw: Any) -> FisherOperator:
     """The Fisher of ``loss_fn(model(inputs), targets)`` over ``data`` (``kind="empirical"|"mc"``).
 
-    Cost to build: one pass over the batches without the model and two forwards on the first
+    Cost to build: one pass over the batches without the model and one forward on the first
     batch. See :class:`FisherOperator`.
     """
     return FisherOperator(model, loss_fn, data, params, kind=kind, **kw)

@@ -24,12 +24,8 @@ class OutputSpaceOperator(CurvatureOperator):
     backward.
     """
 
-    def __init__(self, model, loss_fn, data, params=None, **kw: Any):
-        super().__init__(model, loss_fn, data, params, **kw)
-        x, y = self.data.first()
-        with self._in_mode(), torch.no_grad():
-            out = self._model_fn()(self._param_dict(), x)
-        self.loss = loss_spec(loss_fn, self.reduction, out, y)
+    def _setup(self, out: Any, y: Tensor) -> None:
+        self.loss = loss_spec(self.loss_fn, self.reduction, out, y)  # from the validation forward
         self._vmap = True
 
     def _output_matmat(self, out: Tensor, y: Tensor, JV: Tensor, index: int) -> Tensor:
@@ -95,7 +91,7 @@ class GGNOperator(OutputSpaceOperator):
 def ggn(model, loss_fn, data, params=None, **kw: Any) -> GGNOperator:
     """The generalized Gauss-Newton matrix of ``loss_fn(model(inputs), targets)`` over ``data``.
 
-    Cost to build: one pass over the batches without the model and two forwards on the first
+    Cost to build: one pass over the batches without the model and one forward on the first
     batch. See :class:`GGNOperator`.
     """
     return GGNOperator(model, loss_fn, data, params, **kw)
