@@ -20,8 +20,7 @@ the package's default except the learning rate and the refresh period.
 from __future__ import annotations
 
 import importlib
-import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch

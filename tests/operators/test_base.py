@@ -1,7 +1,5 @@
 """The shared machinery: probes in blocks, product paths, params=, composition, data, modes, errors."""
 
-import re
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,7 @@ from curvkit.errors import DataError, LossError, ModelError, NonFiniteError, Sha
 from curvkit.operators import HessianOperator
 
 from .reference import (
-    DT, MLP, ConvBN, assert_buffers_equal, assert_close, buffers_copy, cached_ref, concat, make_batches, make_loss,
+    DT, MLP, assert_buffers_equal, assert_close, buffers_copy, cached_ref, concat, make_batches, make_loss,
     make_model, ref_empirical_fisher, ref_ggn, ref_hessian, training_flags,
 )
 
