@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .._progress import progress as progress_bar
-from ..errors import ArgumentError, DataError
-from ..operators import model_mode
+from ..errors import ArgumentError
+from ..operators import Batches, loss_terms, model_mode
 
 SCHEMA_VERSION = "curvkit.report/1"
 OUTLIER_RULE = (
@@ -278,22 +278,22 @@ def _loss_and_gradient(H) -> tuple[float, float | None, Tensor, int | None]:
 
 
 def _evaluate(model: nn.Module, loss_fn: Any, data: Any) -> dict:
-    """Mean loss and accuracy over held-out batches: one forward pass."""
-    from ..operators._data import is_batch
-
-    batches = [data] if is_batch(data) else list(data)
-    if not batches:
-        raise DataError("the held-out data is empty")
-    total, loss, correct, cls = 0, 0.0, 0, True
+    """Loss and accuracy over held-out batches, weighted as the operators weight batches
+    (``loss_terms`` for a mean loss): one forward pass."""
+    batches = Batches(data)
+    mean = getattr(loss_fn, "reduction", "mean") == "mean"
+    total, loss, correct, cls = 0.0, 0.0, 0, True
     with model_mode(model, train=False), torch.no_grad():
-        for x, y in batches:
+        for _, x, y in batches:
             out = model(x)
-            loss += float(loss_fn(out, y)) * len(y)
-            total += len(y)
+            w = float(loss_terms(loss_fn, y)) if mean else 1.0
+            loss += float(loss_fn(out, y)) * w
+            total += w
             cls = cls and _is_classification(out, y)
             if cls:
                 correct += int((out.argmax(1) == y).sum())
-    return {"loss": loss / total, "accuracy": correct / total if cls else None, "examples": total}
+    n = batches.num_data
+    return {"loss": loss / total if mean else loss, "accuracy": correct / n if cls else None, "examples": n}
 
 
 def _eig_section(r, rec: dict) -> dict:

@@ -1,5 +1,7 @@
 """Curvature matrices of a model as matrix-free linear operators."""
 
+from ._data import Batches
+from ._losses import loss_terms
 from ._params import flatten, resolve_params, unflatten
 from .base import (
     CurvatureOperator, FunctionOperator, IdentityOperator, LinearOperator, identity_like, model_mode,
@@ -11,5 +13,5 @@ from .hessian import HessianOperator, hessian
 __all__ = [
     "LinearOperator", "CurvatureOperator", "FunctionOperator", "IdentityOperator", "identity_like", "model_mode",
     "HessianOperator", "GGNOperator", "FisherOperator", "hessian", "ggn", "fisher",
-    "resolve_params", "flatten", "unflatten",
+    "resolve_params", "flatten", "unflatten", "Batches", "loss_terms",
 ]
