@@ -18,18 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ArgumentError, LossError, ModelError, NonFiniteError
+from ..errors import ArgumentError, LossError, ModelError
 from ..linalg._util import generator
 from ..linalg.diagonal import hutchinson_samples
 from ..operators.base import FunctionOperator
-
-_EXTRA = "curvkit"  # key of the optimizer-level state (step counter, generator) in state_dict
-
-
-def state_dtype(p: Tensor) -> torch.dtype:
-    """float32 state (and update arithmetic) for bf16/fp16 parameters; the parameter's dtype otherwise."""
-    return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
-
+from ._base import (CurvkitOptimizer, all_finite, check_betas, check_number, check_positive_int,
+                    raise_non_finite, state_dtype)
 
 def _flat_dtype(params: list[Tensor]) -> torch.dtype:
     return torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
@@ -107,26 +101,16 @@ def refresh_due(step: int, update_each: int) -> bool:
     return step % update_each == 0
 
 
-def _check_positive_int(name: str, v: Any) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ArgumentError(f"{name} must be a positive integer, got {v!r}")
-
-
 def check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any, update_each: Any) -> None:
     """ArgumentError for a hyperparameter outside its range, saying which and what is accepted."""
-    if not isinstance(lr, (int, float)) or not 0.0 <= lr < float("inf"):
-        raise ArgumentError(f"lr must be a finite number >= 0, got {lr!r}")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
-        raise ArgumentError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if not isinstance(eps, (int, float)) or not 0.0 < eps < float("inf"):
-        raise ArgumentError(f"eps must be a finite number > 0, got {eps!r}")
-    if not isinstance(weight_decay, (int, float)) or not 0.0 <= weight_decay < float("inf"):
-        raise ArgumentError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    _check_positive_int("update_each", update_each)
+    check_number("lr", lr)
+    check_betas(betas)
+    check_number("eps", eps, strict=True)
+    check_number("weight_decay", weight_decay)
+    check_positive_int("update_each", update_each)
 
 
-class DiagonalOptimizer(torch.optim.Optimizer):
+class DiagonalOptimizer(CurvkitOptimizer):
     """Base of AdaHessian and Sophia: one ``step(closure)`` protocol, one schedule, one generator.
 
     ``step(closure)``: the closure runs the forward pass and returns the loss (Sophia-GNB:
@@ -220,12 +204,12 @@ class DiagonalOptimizer(torch.optim.Optimizer):
                         "freeze them (p.requires_grad_(False)) or leave them out of the optimizer"
                     )
                 diags = None
-                if refresh and bool(_all_finite([loss, *grads])):  # no curvature of a NaN gradient
+                if refresh and bool(all_finite([loss, *grads])):  # no curvature of a NaN gradient
                     diags = (hutchinson_diagonal(grads, params, self._gen) if hutch
                              else gnb_diagonal(logits, params, self._gen))
                 # one host read per step: a check per tensor would stall the GPU once per parameter
-                if not bool(_all_finite([loss, *grads, *(diags or [])])) or (refresh and diags is None):
-                    _raise_non_finite(loss, grads)
+                if not bool(all_finite([loss, *grads, *(diags or [])])) or (refresh and diags is None):
+                    raise_non_finite("the curvature estimate", loss, grads)
         except BaseException:
             self._gen.set_state(gen_state)  # a failed step leaves the random stream where it was
             raise
@@ -243,45 +227,9 @@ class DiagonalOptimizer(torch.optim.Optimizer):
         return loss.detach()
 
     # --- state ----------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """torch's state_dict plus the step counter and the estimator's generator state."""
-        sd = super().state_dict()
-        sd[_EXTRA] = {"steps": self._steps, "generator": self._gen.get_state()}
-        return sd
+    def _extra_state(self) -> dict:
+        return {"steps": self._steps, "generator": self._gen.get_state()}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state_dict (from any device). Unlike torch's, float32 state of bf16/fp16
-        parameters stays float32 (torch would cast it to the parameter's dtype and lose bits)."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop(_EXTRA, None)
-        if extra is None:
-            raise ArgumentError(
-                f"this state_dict has no '{_EXTRA}' entry (step counter and random generator); "
-                f"load a state_dict saved from a curvkit {type(self).__name__}"
-            )
-        super().load_state_dict(state_dict)
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(ids, params):
-            for k, v in state_dict["state"].get(i, {}).items():
-                if isinstance(v, Tensor) and v.is_floating_point():
-                    self.state[p][k] = v.to(device=p.device, dtype=state_dtype(p), copy=True)
+    def _load_extra_state(self, extra: dict) -> None:
         self._steps = int(extra["steps"])
         self._gen.set_state(extra["generator"].cpu())
-
-
-def _all_finite(tensors: list[Tensor]) -> Tensor:
-    """A 0-d bool tensor: every entry of every tensor is finite (no host sync)."""
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-
-
-def _raise_non_finite(loss: Tensor, grads: list[Tensor]) -> None:
-    """Say which of the loss, the gradient or the curvature estimate is not finite."""
-    if not torch.isfinite(loss):
-        raise NonFiniteError(
-            f"the loss is {loss.item()}; the parameters were not changed. Check the batch "
-            "and lower the learning rate that led here"
-        )
-    if not bool(_all_finite(grads)):
-        raise NonFiniteError("the gradient has NaN/inf entries; the parameters were not changed")
-    raise NonFiniteError("the curvature estimate has NaN/inf entries; the parameters were not changed")

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError
-from ._diag import DiagonalOptimizer, check_hyper, state_dtype
+from ._base import state_dtype
+from ._diag import DiagonalOptimizer, check_hyper
 
 
 def spatial_average(d: Tensor) -> Tensor:

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError
-from ._diag import DiagonalOptimizer, check_hyper, state_dtype
+from ._base import state_dtype
+from ._diag import DiagonalOptimizer, check_hyper
 
 
 def sophia_update(

@@ -1,0 +1,102 @@
+"""What every curvkit optimizer shares: state in float32 for bf16/fp16 parameters that survives
+``load_state_dict``, an optimizer-level entry in the state_dict (step counter, random generator,
+whatever a subclass adds), hyperparameter checks and the one-sync finiteness check that keeps a
+NaN step out of the parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ArgumentError, NonFiniteError
+
+_EXTRA = "curvkit"  # key of the optimizer-level state in state_dict
+
+
+def state_dtype(p: Tensor) -> torch.dtype:
+    """float32 state (and update arithmetic) for bf16/fp16 parameters; the parameter's dtype otherwise."""
+    return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+
+
+def check_positive_int(name: str, v: Any) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ArgumentError(f"{name} must be a positive integer, got {v!r}")
+
+
+def check_number(name: str, v: Any, low: float = 0.0, strict: bool = False, high: float = float("inf"),
+                 high_open: bool = True) -> None:
+    """ArgumentError unless ``v`` is a real number in the stated range, naming it and the range."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    ok = ok and (v > low if strict else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        lo = f"{'>' if strict else '>='} {low}"
+        hi = "" if high == float("inf") else f" and {'<' if high_open else '<='} {high}"
+        raise ArgumentError(f"{name} must be a finite number {lo}{hi}, got {v!r}")
+
+
+def check_betas(betas: Any, n: int = 2) -> None:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == n
+            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+        raise ArgumentError(f"betas must be {n} numbers in [0, 1), got {betas!r}")
+
+
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """A 0-d bool tensor: every entry of every tensor is finite (no host sync)."""
+    if not tensors:
+        return torch.tensor(True)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def raise_non_finite(what: str, loss: Tensor | None = None, grads: list[Tensor] | None = None) -> None:
+    """Say which of the loss, the gradient or ``what`` (the curvature estimate) is not finite."""
+    if loss is not None and not torch.isfinite(loss).all():
+        raise NonFiniteError(
+            f"the loss is {loss.item()}; the parameters were not changed. Check the batch "
+            "and lower the learning rate that led here"
+        )
+    if grads and not bool(all_finite(grads)):
+        raise NonFiniteError("the gradient has NaN/inf entries; the parameters were not changed")
+    raise NonFiniteError(f"{what} has NaN/inf entries; the parameters were not changed")
+
+
+class CurvkitOptimizer(torch.optim.Optimizer):
+    """Base of curvkit's optimizers: torch's Optimizer plus an optimizer-level state entry.
+
+    Subclasses keep their own counters in :meth:`_extra_state` / :meth:`_load_extra_state`
+    (the step count, generators); ``state_dict`` stores them under ``"curvkit"`` and
+    ``load_state_dict`` refuses a state_dict without it (one from another optimizer).
+    """
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        """torch's state_dict plus the optimizer-level entry (counters, generator state)."""
+        sd = super().state_dict()
+        sd[_EXTRA] = self._extra_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state_dict (from any device). Unlike torch's, float32 state of bf16/fp16
+        parameters stays float32 (torch would cast it to the parameter's dtype and lose bits)."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(_EXTRA, None)
+        if extra is None:
+            raise ArgumentError(
+                f"this state_dict has no '{_EXTRA}' entry (step counter and random generator); "
+                f"load a state_dict saved from a curvkit {type(self).__name__}"
+            )
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            for k, v in state_dict["state"].get(i, {}).items():
+                if isinstance(v, Tensor) and v.is_floating_point():
+                    self.state[p][k] = v.to(device=p.device, dtype=state_dtype(p) if v.dtype != torch.float64
+                                            else v.dtype, copy=True)
+        self._load_extra_state(extra)
