@@ -252,3 +252,17 @@ def test_load_state_dict_from_torch_optimizer_is_refused():
     sd = torch.optim.Adam(model.parameters()).state_dict()
     with pytest.raises(ArgumentError, match="curvkit"):
         AdaHessian(model.parameters()).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_foreach_path_equals_the_per_tensor_path(kind, dtype):
+    runs = []
+    for foreach in (False, True):
+        model, batches = classifier(dtype=dtype), class_batches(dtype=dtype)
+        opt = KINDS[kind](model.parameters(), foreach=foreach, weight_decay=0.1, seed=3)
+        _run(model, opt, batches, 0, 7)  # crosses refreshes at 0, 3, 6
+        runs.append([p.detach() for p in model.parameters()])
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    for a, b in zip(*runs):
+        assert torch.allclose(a, b, rtol=tol, atol=tol)

@@ -42,6 +42,18 @@ def check_betas(betas: Any, n: int = 2) -> None:
         raise ArgumentError(f"betas must be {n} numbers in [0, 1), got {betas!r}")
 
 
+def use_foreach(foreach: bool | None, params: list[Tensor], *state: list[Tensor]) -> bool:
+    """Whether the multi-tensor (``torch._foreach_*``) path applies: asked for (``None``: on CUDA,
+    as torch decides) and every parameter shares the device and dtype of its state, which foreach
+    kernels need (bf16 parameters with float32 state take the per-tensor path)."""
+    if foreach is False or not params:
+        return False
+    if foreach is None and not all(p.is_cuda for p in params):
+        return False
+    dev, dt = params[0].device, params[0].dtype
+    return all(t.device == dev and t.dtype == dt for ts in (params, *state) for t in ts)
+
+
 def all_finite(tensors: list[Tensor]) -> Tensor:
     """A 0-d bool tensor: every entry of every tensor is finite (no host sync)."""
     if not tensors:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError
-from ._base import state_dtype
+from ._base import state_dtype, use_foreach
 from ._diag import DiagonalOptimizer, check_hyper
 
 
@@ -38,6 +38,7 @@ def adahessian_update(
     eps: float,
     weight_decay: float,
     hessian_power: float,
+    foreach: bool | None = None,
 ) -> None:
     r"""The functional AdaHessian update, in place on ``params`` and the state lists.
 
@@ -47,8 +48,27 @@ def adahessian_update(
     ``t`` the step, ``s`` the number of refreshes, ``k`` the Hessian power. Weight decay is
     decoupled (not in ``m``). State and arithmetic in ``state_dtype`` (float32 for bf16), the
     result written back in the parameter's dtype. ``steps``/``hessian_steps`` are the counts
-    after this step. Cost: no products (the diagonal is given).
+    after this step. ``foreach`` (default: on CUDA) runs the update as a few multi-tensor kernels
+    instead of several per parameter. Cost: no products (the diagonal is given).
     """
+    if use_foreach(foreach, params, exp_avgs, exp_hessian_diag_sqs):
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        if diags is not None:
+            D = [spatial_average(d) for d in diags]
+            torch._foreach_mul_(exp_hessian_diag_sqs, beta2)
+            torch._foreach_addcmul_(exp_hessian_diag_sqs, D, D, value=1 - beta2)
+        denom = torch._foreach_sqrt(exp_hessian_diag_sqs)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2**s) for s in hessian_steps])
+        if hessian_power != 1:
+            torch._foreach_pow_(denom, hessian_power)
+        torch._foreach_add_(denom, eps)
+        upd = torch._foreach_div(exp_avgs, [1 - beta1**t for t in steps])
+        torch._foreach_div_(upd, denom)
+        if weight_decay:
+            torch._foreach_add_(upd, params, alpha=weight_decay)
+        torch._foreach_add_(params, upd, alpha=-lr)
+        return
     for i, p in enumerate(params):
         x = p.to(exp_avgs[i].dtype)
         exp_avgs[i].mul_(beta1).add_(grads[i].to(x.dtype), alpha=1 - beta1)
@@ -101,12 +121,13 @@ class AdaHessian(DiagonalOptimizer):
         hessian_power: float = 1.0,
         update_each: int = 1,
         seed: int | None = 0,
+        foreach: bool | None = None,
     ):
         check_hyper(lr, betas, eps, weight_decay, update_each)
         if not isinstance(hessian_power, (int, float)) or not 0.0 <= hessian_power <= 1.0:
             raise ArgumentError(f"hessian_power must be in [0, 1] (1: full Newton scaling, 0: none), got {hessian_power!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        hessian_power=hessian_power, update_each=update_each)
+                        hessian_power=hessian_power, update_each=update_each, foreach=foreach)
         super().__init__(params, defaults, seed)
 
     def _estimator(self) -> str:
@@ -129,5 +150,5 @@ class AdaHessian(DiagonalOptimizer):
             params, grads, diags,
             [self.state[p]["exp_avg"] for p in params], [self.state[p]["exp_hessian_diag_sq"] for p in params],
             steps, hsteps, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
-            weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
+            weight_decay=group["weight_decay"], hessian_power=group["hessian_power"], foreach=group.get("foreach"),
         )

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError
-from ._base import state_dtype
+from ._base import state_dtype, use_foreach
 from ._diag import DiagonalOptimizer, check_hyper
 
 
@@ -26,14 +26,32 @@ def sophia_update(
     gamma: float,
     eps: float,
     weight_decay: float,
+    foreach: bool | None = None,
 ) -> None:
     r"""The functional Sophia update, in place on ``params`` and the state lists.
 
     ``m = b1 m + (1 - b1) g``; when ``diags`` is given (a refresh step) ``h = b2 h + (1 - b2) d``;
     then ``p = p * (1 - lr * weight_decay) - lr * clip(m / max(gamma * h, eps), -1, 1)``.
     Weight decay is decoupled. State and arithmetic in ``state_dtype`` (float32 for bf16), the
-    result written back in the parameter's dtype. Cost: no products (the diagonal is given).
+    result written back in the parameter's dtype. ``foreach`` (default: on CUDA) runs the update
+    as a few multi-tensor kernels instead of several per parameter. Cost: no products (the
+    diagonal is given).
     """
+    if use_foreach(foreach, params, exp_avgs, hessians):
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        if diags is not None:
+            torch._foreach_mul_(hessians, beta2)
+            torch._foreach_add_(hessians, diags, alpha=1 - beta2)
+        denom = torch._foreach_mul(hessians, gamma)
+        torch._foreach_clamp_min_(denom, eps)
+        ratio = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_clamp_min_(ratio, -1.0)
+        torch._foreach_clamp_max_(ratio, 1.0)
+        if weight_decay:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_add_(params, ratio, alpha=-lr)
+        return
     for i, p in enumerate(params):
         x = p.to(exp_avgs[i].dtype)
         exp_avgs[i].mul_(beta1).add_(grads[i].to(x.dtype), alpha=1 - beta1)
@@ -94,6 +112,7 @@ class Sophia(DiagonalOptimizer):
         update_each: int = 10,
         estimator: str = "hutchinson",
         seed: int | None = 0,
+        foreach: bool | None = None,
     ):
         check_hyper(lr, betas, eps, weight_decay, update_each)
         if not isinstance(gamma, (int, float)) or not 0.0 < gamma < float("inf"):
@@ -102,7 +121,7 @@ class Sophia(DiagonalOptimizer):
             raise ArgumentError(f"estimator must be 'hutchinson' (Sophia-H) or 'gnb' (Sophia-G), got {estimator!r}")
         self.estimator = estimator
         defaults = dict(lr=lr, betas=tuple(betas), gamma=gamma, eps=eps, weight_decay=weight_decay,
-                        update_each=update_each)
+                        update_each=update_each, foreach=foreach)
         super().__init__(params, defaults, seed)
 
     def _estimator(self) -> str:
@@ -121,5 +140,5 @@ class Sophia(DiagonalOptimizer):
             params, grads, diags,
             [self.state[p]["exp_avg"] for p in params], [self.state[p]["hessian"] for p in params],
             lr=group["lr"], beta1=b1, beta2=b2, gamma=group["gamma"], eps=group["eps"],
-            weight_decay=group["weight_decay"],
+            weight_decay=group["weight_decay"], foreach=group.get("foreach"),
         )
