@@ -45,7 +45,9 @@ from . import step_cost as sc
 from .optimizers import SPECS, OptSpec, make_stepper, state_bytes
 from .workloads import WORKLOADS, Workload
 
-CURVKIT = ("adahessian", "sophia_h", "sophia_gnb")
+CURVKIT = ("adahessian", "sophia_h", "sophia_gnb")   # issue 6's goals
+KRON = ("shampoo", "soap", "kfac", "muon")              # issue 7's
+PEERS = {"soap": ("hb_soap",), "muon": ("hb_muon", "po_muon"), "shampoo": ("po_shampoo",)}
 
 
 def _sync(device) -> None:
@@ -61,7 +63,7 @@ def run_one(w: Workload, spec: OptSpec, lr: float, seed: int, device, steps: int
         torch.cuda.reset_peak_memory_stats()
     task = w.build(seed, device, data_dir=data_dir)
     torch.manual_seed(seed)  # peers draw their probes from the global generator
-    opt = spec.make(task.model.parameters(), lr, seed=seed)
+    opt = spec.make(task.model, lr, seed=seed)
     step = make_stepper(spec, opt, task)
 
     def evaluate() -> float:
@@ -113,7 +115,7 @@ def run_one(w: Workload, spec: OptSpec, lr: float, seed: int, device, steps: int
 
 def _warmup(w: Workload, spec: OptSpec, lr: float, device, data_dir, steps: int = 3) -> None:
     task = w.build(0, device, data_dir=data_dir)
-    opt = spec.make(task.model.parameters(), lr, seed=0)
+    opt = spec.make(task.model, lr, seed=0)
     if spec.schedule_free:
         opt.train()
     step = make_stepper(spec, opt, task)
@@ -214,6 +216,44 @@ def goals(summaries: dict, costs: dict | None) -> list[str]:
                 ok = all(r <= 1.3 for _, r in rs)
                 out.append(f"- {name} step cost, diagonal refreshed every 10 steps: "
                            + ", ".join(f"{wn} {r:.2f}×" for wn, r in rs) + f" AdamW (goal ≤ 1.3×: {'met' if ok else 'missed'})")
+    out += kron_goals(summaries, costs)
+    return out
+
+
+def _med_time(summ: dict, name: str) -> float:
+    return _med([x if x is not None else math.inf for x in summ[name]["time_to_target_s"]])
+
+
+def kron_goals(summaries: dict, costs: dict | None) -> list[str]:
+    """Issue 7's goals: SOAP or Shampoo reach AdamW's target in <= 0.75x its wall-clock on >= 2
+    workloads; per-step cost <= 1.3x AdamW (Shampoo/SOAP, refresh 10) and <= 1.05x (Muon); no
+    slower per step than the peers' versions."""
+    out = []
+    for name in ("shampoo", "soap"):
+        wins, cmp = [], []
+        for wname, summ in summaries.items():
+            if name in summ and "adamw" in summ:
+                a, b = _med_time(summ, "adamw"), _med_time(summ, name)
+                cmp.append(f"{wname}: {b:.3g} s vs {a:.3g} s")
+                if math.isfinite(b) and b <= 0.75 * a:
+                    wins.append(wname)
+        if cmp:
+            out.append(f"- {name} reaches AdamW's target in ≤ 0.75× its wall-clock (median time-to-target, best lr "
+                       f"each) on {len(wins)}/{len(cmp)} workloads (goal ≥ 2, for SOAP or Shampoo): " + "; ".join(cmp))
+    if costs:
+        for name, label, bound in (("shampoo", "shampoo (refresh 10)", 1.3), ("soap", "soap (refresh 10)", 1.3),
+                                   ("kfac", "kfac (refresh 10)", None), ("muon", "muon", 1.05)):
+            rs = [(wn, c[label]["ratio_to_adamw"]) for wn, c in costs.items() if label in c]
+            if rs:
+                verdict = "" if bound is None else f" (goal ≤ {bound}×: {'met' if all(r <= bound for _, r in rs) else 'missed'})"
+                out.append(f"- {label} step cost: " + ", ".join(f"{wn} {r:.2f}×" for wn, r in rs) + " AdamW" + verdict)
+            for peer in PEERS.get(name, ()):
+                plabel = next((lb for c in costs.values() for lb in c if lb.split(" (")[0] == peer), None)
+                pairs = [(wn, c[label]["ms"], c[plabel]["ms"]) for wn, c in costs.items()
+                         if plabel and label in c and plabel in c]
+                if pairs:
+                    out.append(f"- {label} vs {plabel} per step: " + ", ".join(f"{wn} {a:.2f} vs {b:.2f} ms" for wn, a, b in pairs)
+                               + f" ({'no slower' if all(a <= b for _, a, b in pairs) else 'SLOWER on some'})")
     return out
 
 
@@ -249,7 +289,7 @@ def plot(runs: list[dict], summary: dict, w: Workload, path: Path) -> None:
 
 def run(workloads, optimizers, device="cpu", seeds=(0, 1, 2), quick=False, out=None, n_lrs=None,
         steps_scale=1.0, time_budget=None, step_cost=True, data_dir=None, log=print,
-        cost_steps=50, cost_repeats=3) -> dict:
+        cost_steps=50, cost_repeats=3, reference=True) -> dict:
     """The whole protocol; returns the results dict (also written to ``out``)."""
     device = torch.device(device)
     out = Path(out or os.environ.get("OUT") or tempfile.mkdtemp(prefix="curvkit-optim-bench-"))
@@ -263,7 +303,7 @@ def run(workloads, optimizers, device="cpu", seeds=(0, 1, 2), quick=False, out=N
         else:
             skipped.append(msg)
             log(msg, file=sys.stderr) if log is print else log(msg)
-    if not any(s.name == "adamw" for s in specs):
+    if reference and not any(s.name == "adamw" for s in specs):
         specs.insert(0, SPECS["adamw"])  # the reference every ratio is taken against
     if quick:
         seeds = seeds[:1]
@@ -276,8 +316,6 @@ def run(workloads, optimizers, device="cpu", seeds=(0, 1, 2), quick=False, out=N
                   else "CPU: optimizer state bytes only (state_mb); peak process memory is not measured per run",
     }
     results = {"meta": meta, "workloads": {}}
-    md = []
-    summaries = {}
     for wname in workloads:
         w = WORKLOADS[wname]
         steps = w.quick_steps if quick else max(w.eval_every, int(round(w.steps * steps_scale)))
@@ -286,6 +324,9 @@ def run(workloads, optimizers, device="cpu", seeds=(0, 1, 2), quick=False, out=N
         for spec in specs:
             if spec.needs_likelihood and not w.likelihood:
                 log(f"{spec.name}: not applicable to {wname} (no likelihood)")
+                continue
+            if wname in spec.not_for:
+                log(f"{spec.name}: not run on {wname}: {spec.not_for[wname]}")
                 continue
             grid = spec.lrs
             if quick:
@@ -310,25 +351,61 @@ def run(workloads, optimizers, device="cpu", seeds=(0, 1, 2), quick=False, out=N
                     ttt = f"{r['time_to_target_s']:.2f}s/{r['steps_to_target']}" if r["steps_to_target"] else "—"
                     log(f"{wname:13s} {spec.name:14s} lr {grid[k]:<7g} seed {seed}  final {r['final_metric']:.4f}  "
                         f"target {ttt:>12s}  {r['step_ms']:.2f} ms/step  {r['status'] if r['status'] != 'ok' else ''}")
-        summ = summarize(runs, w)
-        summaries[wname] = summ
-        plot(runs, summ, w, out / f"{wname}.png")
         results["workloads"][wname] = {"metric": w.metric, "target": w.target, "higher_is_better": w.higher_is_better,
-                                       "steps": steps, "eval_every": eval_every, "summary": summ, "runs": runs}
-        md.append(markdown_table(summ, w))
-    costs = None
+                                       "steps": steps, "eval_every": eval_every, "runs": runs}
     if step_cost:
-        costs = sc.step_costs(workloads, [s.name for s in specs], device,
-                              steps=10 if quick else cost_steps, warmup=2 if quick else 3,
-                              repeats=1 if quick else cost_repeats,
-                              data_dir=data_dir, log=log)
-        results["step_cost"] = costs
+        results["step_cost"] = sc.step_costs(workloads, [s.name for s in specs], device,
+                                             steps=10 if quick else cost_steps, warmup=2 if quick else 3,
+                                             repeats=1 if quick else cost_repeats, data_dir=data_dir, log=log)
+        if not quick:
+            results["matfun_cost"] = sc.matfun_costs(workloads, device, data_dir=data_dir, log=log)
+    return report(results, out)
+
+
+def merge(paths: list, out) -> dict:
+    """One report from the ``results.json`` of runs made in several processes (each with its own
+    seeds or optimizers): runs are pooled per workload; the isolated costs are taken from the
+    part that measured them."""
+    parts = [json.loads((Path(p) / "results.json").read_text()) for p in paths]
+    meta = dict(parts[0]["meta"])
+    meta["seeds"] = sorted({s for p in parts for s in p["meta"]["seeds"]})
+    meta["skipped"] = sorted({m for p in parts for m in p["meta"].get("skipped", [])})
+    meta["command"] = [p["meta"]["command"] for p in parts]
+    meta["parts"] = len(parts)
+    merged: dict = {"meta": meta, "workloads": {}}
+    for p in parts:
+        for wname, wres in p["workloads"].items():
+            tgt = merged["workloads"].setdefault(wname, {k: v for k, v in wres.items() if k not in ("runs", "summary")} | {"runs": []})
+            tgt["runs"] += wres["runs"]
+        for key in ("step_cost", "matfun_cost"):
+            if p.get(key):
+                merged.setdefault(key, {}).update(p[key])
+    return report(merged, out)
+
+
+def report(results: dict, out: Path) -> dict:
+    """Summaries, tables, plots and goals from the runs in ``results``; writes results.json/.md and
+    the plots into ``out``. Used by :func:`run` and by ``merge`` (runs made in several processes)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta, md, summaries = results["meta"], [], {}
+    for wname, wres in results["workloads"].items():
+        w = WORKLOADS[wname]
+        summ = summarize(wres["runs"], w)
+        summaries[wname] = wres["summary"] = summ
+        plot(wres["runs"], summ, w, out / f"{wname}.png")
+        md.append(markdown_table(summ, w))
+    costs = results.get("step_cost")
+    if costs:
         md.append("**Per-step cost in isolation** (ratio to AdamW, ms per step)\n\n" + sc.markdown(costs))
+    if results.get("matfun_cost"):
+        md.append("**Matrix functions per step in isolation**\n\n" + sc.matfun_markdown(results["matfun_cost"]))
     g = goals(summaries, costs)
     results["goals"] = g
-    md.append("**Goals (issue 6)**\n\n" + "\n".join(g))
+    md.append("**Goals (issues 6 and 7)**\n\n" + "\n".join(g))
     header = (f"{meta['date']} · {meta['device']} · torch {meta['torch']} · Python {meta['python']} · "
-              f"seeds {list(seeds)} · {meta['memory']}")
+              f"seeds {meta['seeds']} · {meta['memory']}")
+    skipped = meta.get("skipped") or []
     text = header + "\n\n" + "\n\n".join(md) + ("\n\nSkipped: " + "; ".join(skipped) if skipped else "") + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
@@ -343,7 +420,10 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--optimizers", nargs="+", default=list(SPECS), choices=list(SPECS))
-    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (S..S+N-1)")
+    ap.add_argument("--seed-start", type=int, default=0, help="first seed S (to split seeds over processes)")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="do not add AdamW when it is not listed (a process of a split run whose AdamW runs elsewhere)")
     ap.add_argument("--lrs", type=int, default=None, help="use the N central values of each grid (default: all 4)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every workload's step budget")
     ap.add_argument("--time-budget", type=float, default=None, help="also stop each run after this many training seconds")
@@ -359,9 +439,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = run(args.workloads, args.optimizers, args.device, tuple(range(args.seeds)), args.quick, args.out,
+    seeds = tuple(range(args.seed_start, args.seed_start + args.seeds))
+    res = run(args.workloads, args.optimizers, args.device, seeds, args.quick, args.out,
               args.lrs, args.steps_scale, args.time_budget, not args.no_step_cost, args.data_dir,
-              cost_steps=args.cost_steps, cost_repeats=args.cost_repeats)
+              cost_steps=args.cost_steps, cost_repeats=args.cost_repeats, reference=not args.no_reference)
     print()
     print(res["markdown"])
     print(f"written to {res['out']}")

@@ -20,7 +20,7 @@ the package's default except the learning rate and the refresh period.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -31,12 +31,13 @@ class OptSpec:
     name: str
     lrs: list[float]            # the sweep, roughly x3 apart: 5 values where the first CPU run put
                                 #   the best rate at the top of a 4-value grid, 4 for the AdaHessians
-    factory: Callable           # (params, lr, refresh, seed) -> optimizer
+    factory: Callable           # (model, lr, refresh, seed) -> optimizer
     style: str                  # "torch" | "curvkit" | "create_graph"
     needs_likelihood: bool = False   # Sophia-GNB: classification / LM only
     schedule_free: bool = False      # needs opt.train() / opt.eval() around evaluation
-    hessian: bool = False            # has a curvature refresh period
+    refreshes: tuple = ()            # refresh periods timed in isolation (curvature / preconditioner)
     default_refresh: int | None = None
+    not_for: dict = field(default_factory=dict)   # workload -> why the optimizer does not apply
     package: str | None = None       # what must be importable
     note: str = ""
 
@@ -49,59 +50,141 @@ class OptSpec:
             return False, f"{self.name}: {self.package} not importable ({e}); row skipped (pip install 'curvkit[bench]')"
         return True, ""
 
-    def make(self, params, lr: float, refresh: int | None = None, seed: int = 0):
-        return self.factory(params, lr, refresh if refresh is not None else self.default_refresh, seed)
+    def make(self, model, lr: float, refresh: int | None = None, seed: int = 0):
+        return self.factory(model, lr, refresh if refresh is not None else self.default_refresh, seed)
 
 
 def _ck(name: str, **kw):
-    def f(params, lr, refresh, seed):
+    def f(model, lr, refresh, seed):
         mod = importlib.import_module("curvkit.optim")
-        return getattr(mod, name)(params, lr=lr, update_each=refresh, seed=seed, weight_decay=0.0, **kw)
+        return getattr(mod, name)(model.parameters(), lr=lr, update_each=refresh, seed=seed, weight_decay=0.0, **kw)
 
     return f
 
 
 def _po(name: str):
-    def f(params, lr, refresh, seed):
+    def f(model, lr, refresh, seed):
         cls = getattr(importlib.import_module("pytorch_optimizer"), name)
-        return cls(params, lr=lr, update_period=refresh, weight_decay=0.0)
+        return cls(model.parameters(), lr=lr, update_period=refresh, weight_decay=0.0)
 
     return f
 
 
-def _lion(params, lr, refresh, seed):
+def _torch(cls, **kw):
+    def f(model, lr, refresh, seed):
+        return cls(model.parameters(), lr=lr, **kw)
+
+    return f
+
+
+# --- Kronecker and orthogonalising optimizers (issue 7) ---------------------------------------
+MUON_ADAMW_LR = 1e-2  # the AdamW part of every Muon row: AdamW's best rate on all three CPU workloads
+
+
+def muon_split(model):
+    """(matrices, others): the parameters Muon orthogonalises and those AdamW takes, by curvkit's
+    rule, so every Muon row (curvkit's and the peers') splits the model the same way."""
+    from curvkit.optim.muon import split_params
+
+    return split_params(model)
+
+
+def _ck_kfac(model, lr, refresh, seed):
+    from curvkit.optim import KFAC
+
+    return KFAC(model, lr=lr, inverse_update_each=refresh, weight_decay=0.0)
+
+
+def _ck_shampoo(model, lr, refresh, seed):
+    from curvkit.optim import Shampoo
+
+    return Shampoo(model.parameters(), lr=lr, update_each=refresh, weight_decay=0.0)
+
+
+def _ck_soap(model, lr, refresh, seed):
+    from curvkit.optim import SOAP
+
+    return SOAP(model.parameters(), lr=lr, update_each=refresh, weight_decay=0.0)
+
+
+def _ck_muon(model, lr, refresh, seed):
+    from curvkit.optim import Muon
+
+    return Muon(model, lr=lr, adamw_lr=MUON_ADAMW_LR, weight_decay=0.0)
+
+
+def _hb(name: str, **kw):
+    def f(model, lr, refresh, seed):
+        import heavyball
+
+        extra = {"precondition_frequency": refresh} if name == "SOAP" else {}
+        return getattr(heavyball, name)(model.parameters(), lr=lr, weight_decay=0.0, **extra, **kw)
+
+    return f
+
+
+def _hb_muon(model, lr, refresh, seed):
+    import heavyball
+
+    mats, rest = muon_split(model)
+    return heavyball.SplitOpt([
+        {"params": mats, "optimizer": heavyball.Muon, "lr": lr, "weight_decay": 0.0},
+        {"params": rest, "optimizer": heavyball.AdamW, "lr": MUON_ADAMW_LR, "weight_decay": 0.0},
+    ])
+
+
+def _po_muon(model, lr, refresh, seed):
+    from pytorch_optimizer import Muon
+
+    mats, rest = muon_split(model)
+    return Muon([dict(params=mats, use_muon=True), dict(params=rest, use_muon=False)], lr=lr,
+                adamw_lr=MUON_ADAMW_LR, weight_decay=0.0, adamw_wd=0.0)
+
+
+def _po_shampoo(model, lr, refresh, seed):
+    from pytorch_optimizer import Shampoo
+
+    return Shampoo(model.parameters(), lr=lr, preconditioning_compute_steps=refresh, weight_decay=0.0)
+
+
+def _lion(model, lr, refresh, seed):
     try:
         from lion_pytorch import Lion  # lucidrains' reference implementation
     except ImportError:
         from pytorch_optimizer import Lion
-    return Lion(params, lr=lr, weight_decay=0.0)
+    return Lion(model.parameters(), lr=lr, weight_decay=0.0)
 
 
-def _sf(params, lr, refresh, seed):
+def _sf(model, lr, refresh, seed):
     from schedulefree import AdamWScheduleFree
 
-    return AdamWScheduleFree(params, lr=lr, weight_decay=0.0)
+    return AdamWScheduleFree(model.parameters(), lr=lr, weight_decay=0.0)
+
+
+_KFAC_PINN = ("its factors come from the hooks of an ordinary backward pass; the PINN's loss "
+              "differentiates the network with respect to its inputs first, so the hooks see those "
+              "passes too (K-FAC for PDE losses needs Taylor-mode factors, Dangel et al. 2024)")
 
 
 SPECS: dict[str, OptSpec] = {s.name: s for s in [
     OptSpec("adamw", [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
-            lambda p, lr, r, s: torch.optim.AdamW(p, lr=lr, weight_decay=0.0), "torch"),
+            _torch(torch.optim.AdamW, weight_decay=0.0), "torch"),
     OptSpec("sgd", [1e-2, 3e-2, 1e-1, 3e-1, 1.0],
-            lambda p, lr, r, s: torch.optim.SGD(p, lr=lr, momentum=0.9), "torch", note="momentum 0.9"),
+            _torch(torch.optim.SGD, momentum=0.9), "torch", note="momentum 0.9"),
     OptSpec("adahessian", [1e-2, 3e-2, 1e-1, 3e-1], _ck("AdaHessian"), "curvkit",
-            hessian=True, default_refresh=1, package="curvkit.optim", note="curvkit"),
+            refreshes=(1, 10), default_refresh=1, package="curvkit.optim", note="curvkit"),
     OptSpec("sophia_h", [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], _ck("Sophia", estimator="hutchinson"), "curvkit",
-            hessian=True, default_refresh=10, package="curvkit.optim", note="curvkit, Hutchinson"),
+            refreshes=(1, 10), default_refresh=10, package="curvkit.optim", note="curvkit, Hutchinson"),
     OptSpec("sophia_gnb", [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], _ck("Sophia", estimator="gnb"), "curvkit",
-            needs_likelihood=True, hessian=True, default_refresh=10, package="curvkit.optim",
+            needs_likelihood=True, refreshes=(1, 10), default_refresh=10, package="curvkit.optim",
             note="curvkit, Gauss-Newton-Bartlett"),
     OptSpec("lion", [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], _lion, "torch", package="lion_pytorch", note="lion-pytorch"),
     OptSpec("sf_adamw", [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], _sf, "torch", schedule_free=True, package="schedulefree",
             note="schedulefree.AdamWScheduleFree"),
     OptSpec("po_adahessian", [1e-2, 3e-2, 1e-1, 3e-1], _po("AdaHessian"), "create_graph",
-            hessian=True, default_refresh=1, package="pytorch_optimizer", note="pytorch-optimizer (peer)"),
+            refreshes=(1, 10), default_refresh=1, package="pytorch_optimizer", note="pytorch-optimizer (peer)"),
     OptSpec("po_sophiah", [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], _po("SophiaH"), "create_graph",
-            hessian=True, default_refresh=10, package="pytorch_optimizer", note="pytorch-optimizer (peer)"),
+            refreshes=(1, 10), default_refresh=10, package="pytorch_optimizer", note="pytorch-optimizer (peer)"),
 ]}
 
 

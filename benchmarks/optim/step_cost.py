@@ -32,10 +32,11 @@ def variants(opt_names, workload):
     out = []
     for name in opt_names:
         spec = SPECS[name]
-        if not spec.available()[0] or (spec.needs_likelihood and not workload.likelihood):
+        if (not spec.available()[0] or (spec.needs_likelihood and not workload.likelihood)
+                or workload.name in spec.not_for):
             continue
-        if spec.hessian:
-            for r in (1, 10):
+        if spec.refreshes:
+            for r in spec.refreshes:
                 out.append((f"{name} (refresh {r})", spec, r))
         else:
             out.append((name, spec, None))
@@ -56,7 +57,7 @@ def step_costs(workload_names, opt_names, device, steps: int = 50, warmup: int =
         for _ in range(repeats):
             for label, spec, refresh in vs:
                 task = w.build(0, device, data_dir=data_dir)
-                opt = spec.make(task.model.parameters(), spec.lrs[1], refresh=refresh, seed=0)
+                opt = spec.make(task.model, spec.lrs[1], refresh=refresh, seed=0)
                 if spec.schedule_free:
                     opt.train()
                 step = make_stepper(spec, opt, task)
@@ -74,6 +75,65 @@ def step_costs(workload_names, opt_names, device, steps: int = 50, warmup: int =
         for label, r in out[wname].items():
             log(f"step cost  {wname:13s} {label:28s} {r['ms']:8.2f} ms  {r['ratio_to_adamw']:5.2f} x AdamW")
     return out
+
+
+def _timed(fn, device, repeats: int = 20) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after 3 untimed ones."""
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def matfun_costs(workload_names, device, refresh: int = 10, data_dir=None, log=print) -> dict:
+    """The matrix functions of one step in isolation, per workload: Muon's Newton-Schulz on every
+    matrix it orthogonalises (per step), and the ``eigh`` of every Shampoo/SOAP factor (per
+    refresh, and amortised over ``refresh`` steps), next to one AdamW step (forward, backward,
+    update) on the same model. Cost: about 30 calls of each."""
+    from curvkit.approx.matfun import newton_schulz, sym_eigh
+
+    from .optimizers import muon_split
+
+    out = {}
+    for wname in workload_names:
+        w = WORKLOADS[wname]
+        task = w.build(0, device, data_dir=data_dir)
+        mats = [p.detach().reshape(p.shape[0], -1) for p in muon_split(task.model)[0]]
+        factors = []
+        for p in task.model.parameters():
+            if p.dim() >= 2:
+                g = p.detach().reshape(p.shape[0], -1)
+                factors += [g @ g.T, g.T @ g]
+        ns = _timed(lambda: [newton_schulz(m) for m in mats], device)
+        eig = _timed(lambda: [sym_eigh(f) for f in factors], device)
+        opt = SPECS["adamw"].make(task.model, 1e-3)
+        step = make_stepper(SPECS["adamw"], opt, task)
+        it = iter(range(10**9))
+        adamw = _timed(lambda: step(next(it)), device)
+        out[wname] = {"adamw_ms": round(adamw * 1e3, 3), "ns_ms": round(ns * 1e3, 3),
+                      "ns_matrices": len(mats), "eigh_ms_per_refresh": round(eig * 1e3, 3),
+                      "eigh_factors": len(factors), "max_factor": max((f.shape[0] for f in factors), default=0),
+                      "refresh": refresh}
+        log(f"matfun     {wname:13s} AdamW step {adamw * 1e3:.2f} ms | Newton-Schulz {ns * 1e3:.2f} ms/step "
+            f"({len(mats)} matrices) | eigh {eig * 1e3:.2f} ms/refresh ({len(factors)} factors)")
+    return out
+
+
+def matfun_markdown(costs: dict) -> str:
+    lines = ["| workload | AdamW step | Newton-Schulz per step (× AdamW step) | eigh per refresh | eigh per step, refresh "
+             "10 (× AdamW step) |", "|---|---|---|---|---|"]
+    for w, c in costs.items():
+        a, r = c["adamw_ms"], c["refresh"]
+        lines.append(f"| {w} | {a:.2f} ms | {c['ns_ms']:.2f} ms ({c['ns_ms'] / a:.2f}×, {c['ns_matrices']} matrices) | "
+                     f"{c['eigh_ms_per_refresh']:.2f} ms ({c['eigh_factors']} factors ≤ {c['max_factor']}) | "
+                     f"{c['eigh_ms_per_refresh'] / r:.2f} ms ({c['eigh_ms_per_refresh'] / r / a:.2f}×) |")
+    return "\n".join(lines)
 
 
 def markdown(costs: dict) -> str:
