@@ -1,0 +1,197 @@
+"""The KFAC optimizer: arguments, the SGD fallback, hooks, and the tie to ck.kfac (one core)."""
+
+import doctest
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+import curvkit as ck
+import curvkit.optim.kfac as kfac_module
+from curvkit.errors import ArgumentError, ModelError
+from curvkit.optim import KFAC
+
+from ._problems import class_batches, classifier
+
+D = torch.float64
+
+
+def _step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lr=-1.0), "lr"), (dict(damping=0.0), "damping"), (dict(momentum=1.0), "momentum"),
+    (dict(weight_decay=-0.1), "weight_decay"), (dict(ema=1.0), "ema"), (dict(ema=float("nan")), "ema"),
+    (dict(factor_update_each=0), "factor_update_each"), (dict(inverse_update_each=2.5), "inverse_update_each"),
+    (dict(kl_clip=0.0), "kl_clip"),
+])
+def test_bad_hyperparameters_are_refused(kw, match):
+    with pytest.raises(ArgumentError, match=match):
+        KFAC(classifier(), **kw)
+
+
+def test_parameters_instead_of_the_model_are_refused():
+    with pytest.raises(ModelError, match=r"KFAC\(model"):
+        KFAC(classifier().parameters())
+
+
+def test_first_direction_equals_the_operator_inverse_applied_to_the_gradient():
+    model = nn.Linear(6, 3).to(D)
+    x, y = class_batches(1, size=20, dtype=D)[0]
+    lam = 1e-2
+    K = ck.kfac(model, nn.CrossEntropyLoss(), (x, y), fisher_type="empirical")
+    _, grad = K.loss_and_gradient()
+    expected = K.inverse(lam) @ grad
+    opt = KFAC(model, lr=1.0, damping=lam, momentum=0.0, kl_clip=None)
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    _step(model, opt, x, y)
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(before - after, expected, atol=1e-10, rtol=0)
+    A, G = K.factors["(root)"]
+    st = opt.state[model.weight]
+    torch.testing.assert_close(st["kfac_A"], A, atol=1e-12, rtol=0)
+    torch.testing.assert_close(st["kfac_G"], G, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kl_clip", [1e-6, 1e3])
+def test_kl_clip_bounds_the_step_and_is_inactive_when_loose(kl_clip):
+    model = nn.Linear(6, 3).to(D)
+    x, y = class_batches(1, size=20, dtype=D)[0]
+    K = ck.kfac(model, nn.CrossEntropyLoss(), (x, y), fisher_type="empirical")
+    _, grad = K.loss_and_gradient()
+    d = K.inverse(1e-2) @ grad
+    lr = 0.5
+    nu = min(1.0, (kl_clip / (lr**2 * float(d @ grad))) ** 0.5)  # predicted KL lr^2 nu^2 <d, F d> <= kl_clip
+    opt = KFAC(model, lr=lr, damping=1e-2, momentum=0.0, kl_clip=kl_clip)
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    _step(model, opt, x, y)
+    step = before - torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(step, lr * nu * d, atol=1e-12, rtol=0)
+    assert (nu < 1) == (kl_clip == 1e-6)  # the tight bound binds, the loose one does not
+
+
+def test_a_frozen_weight_leaves_a_bias_only_block():
+    model = nn.Linear(6, 3).to(D)
+    model.weight.requires_grad_(False)
+    x, y = class_batches(1, size=20, dtype=D)[0]
+    K = ck.kfac(model, nn.CrossEntropyLoss(), (x, y), params=["bias"], fisher_type="empirical")
+    expected = K.inverse(1e-2) @ K.loss_and_gradient()[1]
+    opt = KFAC(model, lr=1.0, damping=1e-2, momentum=0.0, kl_clip=None)
+    b0 = model.bias.detach().clone()
+    _step(model, opt, x, y)
+    torch.testing.assert_close(b0 - model.bias.detach(), expected, atol=1e-10, rtol=0)
+    assert opt.state[model.bias]["kfac_A"].shape == (1, 1)
+
+
+def test_unsupported_layers_get_sgd_with_momentum():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).to(D)
+    opt = KFAC(model, lr=0.1, momentum=0.5, weight_decay=0.01)
+    assert opt.fallback == ["1.weight", "1.bias"]
+    assert [layer.name for layer in opt.layers] == ["0", "3"]
+    (x, y), (x2, y2) = class_batches(2, dtype=D)
+    norm = model[1].weight
+    p0 = norm.detach().clone()
+    _step(model, opt, x, y)
+    g0 = norm.grad.clone()
+    torch.testing.assert_close(norm.detach(), p0 * (1 - 0.1 * 0.01) - 0.1 * g0, atol=1e-14, rtol=0)
+    p1 = norm.detach().clone()
+    _step(model, opt, x2, y2)
+    torch.testing.assert_close(norm.detach(), p1 * (1 - 0.1 * 0.01) - 0.1 * (0.5 * g0 + norm.grad),
+                               atol=1e-14, rtol=0)
+    assert "kfac_A" in opt.state[model[0].weight] and "kfac_A" not in opt.state[norm]
+
+
+def test_hooks_store_nothing_off_schedule_and_are_removed():
+    model, batches = classifier(), class_batches()
+    opt = KFAC(model, factor_update_each=2)
+    hooked = [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert len(hooked) == 3  # the root's pre-hook and the two Linear layers
+    _step(model, opt, *batches[0])  # step 0 collects
+    out = model(batches[1][0])
+    assert not opt._collect and out.grad_fn is not None
+    out.sum().backward()
+    assert not opt._sums  # step 1: no activations kept, no statistics
+    opt.zero_grad()
+    opt.remove_hooks()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    opt2 = KFAC(model)
+    del opt2
+    gc.collect()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_hooks_do_not_keep_the_optimizer_alive():
+    model = classifier()
+    opt = KFAC(model)
+    _step(model, opt, *class_batches()[0])
+    ref = __import__("weakref").ref(opt)
+    del opt
+    gc.collect()
+    assert ref() is None
+    model(torch.randn(2, 6)).sum().backward()  # no dangling hook breaks the model
+
+
+def test_weight_sharing_is_refused():
+    lin = nn.Linear(6, 6)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = lin, nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.out(self.lin(torch.tanh(self.lin(x))))
+
+    model = Twice()
+    opt = KFAC(model)
+    with pytest.raises(ModelError, match="more than once"):
+        _step(model, opt, *class_batches()[0])
+
+
+def test_conv_net_trains_and_gradient_accumulation_averages_factors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3)).to(D)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1, 4, 4, generator=g, dtype=D)
+    y = x.reshape(32, -1)[:, :3].argmax(1)
+    opt = KFAC(model, lr=0.1, damping=1e-2)
+    losses = [_step(model, opt, x, y).item() for _ in range(15)]
+    assert losses[-1] < 0.5 * losses[0]
+    # two half-batch backwards before one step: factors are the average of the halves' factors
+    model2 = nn.Sequential(nn.Linear(6, 3)).to(D)
+    opt2 = KFAC(model2, lr=0.0)
+    (xb, yb), = class_batches(1, size=16, dtype=D)
+    opt2.zero_grad()
+    for h in (slice(0, 8), slice(8, 16)):
+        (nn.functional.cross_entropy(model2(xb[h]), yb[h]) / 2).backward()
+    opt2.step()
+    halves = [ck.kfac(model2, nn.CrossEntropyLoss(), (xb[h], yb[h]), fisher_type="empirical").factors["0"]
+              for h in (slice(0, 8), slice(8, 16))]
+    st = opt2.state[model2[0].weight]
+    torch.testing.assert_close(st["kfac_A"], (halves[0][0] + halves[1][0]) / 2, atol=1e-12, rtol=0)
+    # the gradient of loss/2 scaled by the half batch: G is a quarter of the halves' average
+    torch.testing.assert_close(st["kfac_G"], (halves[0][1] + halves[1][1]) / 8, atol=1e-12, rtol=0)
+
+
+def test_failed_step_leaves_factors_and_counter_alone():
+    model, batches = classifier(), class_batches()
+    opt = KFAC(model, inverse_update_each=2)
+    _step(model, opt, *batches[0])
+    state = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
+    x, y = batches[1]
+    with pytest.raises(ck.errors.NonFiniteError, match="not changed"):
+        _step(model, opt, x * float("inf"), y)
+    assert opt._step == 1 and not opt._sums
+    assert all(torch.equal(v, opt.state[model[0].weight][k]) for k, v in state.items())
+
+
+def test_docstring_example_runs():
+    result = doctest.testmod(kfac_module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
