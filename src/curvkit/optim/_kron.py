@@ -1,0 +1,89 @@
+"""Kronecker-factored gradient statistics shared by Shampoo and SOAP.
+
+- **Matrix view.** A parameter with ``dim >= 2`` is seen as the matrix ``(shape[0], rest)``:
+  a linear weight as is, a conv kernel ``(out, in, kh, kw)`` as ``(out, in*kh*kw)`` (the K-FAC
+  convention, two factors rather than one per tensor dimension). 1-D and 0-d parameters (biases,
+  norm scales) get no factors: both optimizers treat them with Adam's diagonal.
+- **Blocking.** A matrix dimension longer than ``block_size`` is cut into chunks of
+  ``block_size`` (the last one shorter); every block ``G[rows, cols]`` has its own factors
+  ``L`` (rows x rows) and ``R`` (cols x cols), so no factor is larger than ``block_size``.
+- **Statistics.** ``L <- beta L + (1 - beta) G G^T``, ``R <- beta R + (1 - beta) G^T G``: the
+  exponential moving average of Distributed Shampoo and SOAP (the original Shampoo sums;
+  an EMA forgets old curvature and, bias-corrected by ``1 - beta^t``, has the sums' scale
+  divided by ``t``, which the inverse root's homogeneity turns into a scalar factor).
+  Kept in float32 for bf16/fp16 parameters (float64 stays float64).
+- **Batching.** Blocks of the same shape (across all parameters of a group) are stacked and
+  processed by batched products (``baddbmm``/``bmm``) and one batched ``eigh``/root, so the
+  number of kernel launches per step does not grow with the number of parameters of one shape.
+
+Nothing here changes state in place: the optimizers compute the new state out of place, check
+it once for finiteness (one host sync per step) and only then copy it in.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Hashable, Iterable
+
+import torch
+from torch import Tensor
+
+
+def matrix_shape(shape: torch.Size) -> tuple[int, int] | None:
+    """``(shape[0], prod(shape[1:]))`` for ``dim >= 2``; ``None`` (diagonal treatment) otherwise."""
+    if len(shape) < 2:
+        return None
+    return shape[0], int(torch.Size(shape[1:]).numel())
+
+
+def block_slices(m: int, n: int, block_size: int) -> list[tuple[slice, slice]]:
+    """The blocks ``(rows, cols)`` of an ``m x n`` matrix with no side longer than ``block_size``,
+    row-major. ``m, n <= block_size`` gives the one block of the whole matrix."""
+    rows = [slice(i, min(i + block_size, m)) for i in range(0, m, block_size)]
+    cols = [slice(j, min(j + block_size, n)) for j in range(0, n, block_size)]
+    return [(r, c) for r in rows for c in cols]
+
+
+def block_shape(blk: tuple[slice, slice]) -> tuple[int, int]:
+    return blk[0].stop - blk[0].start, blk[1].stop - blk[1].start
+
+
+def stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack`` without the copy when there is one tensor (then a view)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def factor_ema(L: Tensor, R: Tensor, G: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """New ``(beta L + (1-beta) G G^T, beta R + (1-beta) G^T G)`` for stacked blocks
+    ``G: (k, m, n)``, ``L: (k, m, m)``, ``R: (k, n, n)``, out of place. Cost: two batched
+    products, ``2 k m n (m + n)`` flops."""
+    Gt = G.transpose(-1, -2)
+    return (torch.baddbmm(L, G, Gt, beta=beta, alpha=1 - beta),
+            torch.baddbmm(R, Gt, G, beta=beta, alpha=1 - beta))
+
+
+def group_by(items: Iterable[Any], key: Callable[[Any], Hashable]) -> dict:
+    """Items grouped by ``key``, groups and items in first-seen order."""
+    out: dict = defaultdict(list)
+    for it in items:
+        out[key(it)].append(it)
+    return out
+
+
+def copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for all ``i`` in one foreach call."""
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+def finite(tensors: list[Tensor]) -> Tensor:
+    """0-d bool tensor: every entry of every tensor is finite. One foreach max-abs norm per
+    dtype/device (a NaN or inf entry makes it NaN/inf; max-abs never overflows), no sync."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.tensor(True)
+    flags = []
+    for ts in group_by(tensors, lambda t: (t.dtype, t.device)).values():
+        flags.append(torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all())
+    dev = flags[0].device
+    return torch.stack([f.to(dev) for f in flags]).all()

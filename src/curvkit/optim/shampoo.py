@@ -1,0 +1,224 @@
+"""Shampoo (Gupta et al. 2018) in the form of Distributed Shampoo (Shi et al. 2023): Kronecker
+factors of the gradient, inverse fourth roots refreshed every few steps, the step size grafted
+from Adam block by block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..approx.matfun import inverse_root
+from ..errors import ArgumentError, NonFiniteError
+from ._base import (CurvkitOptimizer, check_betas, check_number, check_positive_int, raise_non_finite,
+                    state_dtype)
+from ._kron import block_shape, block_slices, copy_all, factor_ema, finite, group_by, matrix_shape, stack
+
+
+class Shampoo(CurvkitOptimizer):
+    r"""Shampoo with Adam grafting as a ``torch.optim.Optimizer`` (``loss.backward(); opt.step()``).
+
+    For a matrix parameter (conv kernels as ``(out, in*kh*kw)``), cut into blocks of at most
+    ``block_size`` per side (see :mod:`curvkit.optim._kron`), with gradient block ``G``, step
+    ``t`` and ``b1, b2 = betas``:
+
+    - ``L = b2 L + (1-b2) G G^T``, ``R = b2 R + (1-b2) G^T G`` (every step);
+    - every ``update_each`` steps from ``start_preconditioning_step`` on, the roots
+      ``(L/(1-b2^t) + epsilon I)^(-1/4)`` and the same of ``R`` (``root_method`` "eigh" or
+      "newton", :func:`curvkit.approx.matfun.inverse_root`);
+    - ``m = b1 m + (1-b1) g``, direction ``D = L^(-1/4) (m/(1-b1^t)) R^(-1/4)`` per block;
+    - ``graft="adam"``: ``D`` rescaled to the Frobenius norm of Adam's direction
+      ``m_hat / (sqrt(v_hat) + graft_eps)`` on the same block (``v`` the EMA of ``g^2`` with
+      ``b2``); ``graft="none"``: ``D`` as is;
+    - ``p = p (1 - lr weight_decay) - lr D`` (decoupled weight decay).
+
+    Before the first roots exist (steps ``< start_preconditioning_step``, default
+    ``update_each``), and always for 1-D parameters, the direction is Adam's.
+    Hyperparameters per param group; state in float32 for bf16/fp16 parameters. A NaN/inf in
+    the gradient, a factor, a root or the update raises ``NonFiniteError`` with parameters and
+    state unchanged (one host sync per step for that check).
+
+    >>> import torch
+    >>> from curvkit.optim import Shampoo
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Linear(8, 3)
+    >>> x = torch.randn(128, 8); y = x[:, :3].argmax(1)
+    >>> opt = Shampoo(model.parameters(), lr=0.05, update_each=5)
+    >>> losses = []
+    >>> for _ in range(40):
+    ...     opt.zero_grad()
+    ...     loss = torch.nn.functional.cross_entropy(model(x), y); loss.backward(); opt.step()
+    ...     losses.append(loss.item())
+    >>> bool(losses[-1] < losses[0] / 2)
+    True
+
+    Cost per step, per ``m x n`` block: two products for the factors (``2mn(m+n)`` flops) and two
+    for the direction (same); every ``update_each`` steps also one batched ``eigh`` of the
+    ``m x m`` and of the ``n x n`` factors (or ~``iters`` x 6 products with "newton"). Blocks of
+    equal shape share every batched call. Extra memory: ``m^2 + n^2`` for the factors and as
+    much for the roots, plus two parameter-sized moments.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        epsilon: float = 1e-12,
+        weight_decay: float = 0.0,
+        update_each: int = 10,
+        start_preconditioning_step: int | None = None,
+        block_size: int = 1024,
+        graft: str = "adam",
+        graft_eps: float = 1e-8,
+        root_method: str = "eigh",
+    ):
+        check_number("lr", lr)
+        check_betas(betas)
+        check_number("epsilon", epsilon)
+        check_number("weight_decay", weight_decay)
+        check_number("graft_eps", graft_eps)
+        check_positive_int("update_each", update_each)
+        check_positive_int("block_size", block_size)
+        if start_preconditioning_step is None:
+            start_preconditioning_step = update_each
+        check_positive_int("start_preconditioning_step", start_preconditioning_step)
+        if graft not in ("adam", "none"):
+            raise ArgumentError(f"graft must be 'adam' (Adam's norm per block) or 'none', got {graft!r}")
+        if root_method not in ("eigh", "newton"):
+            raise ArgumentError(f"root_method must be 'eigh' or 'newton', got {root_method!r}")
+        if root_method == "newton" and epsilon <= 0:
+            raise ArgumentError("root_method='newton' needs epsilon > 0 (the factor must be positive definite)")
+        defaults = dict(lr=lr, betas=tuple(betas), epsilon=epsilon, weight_decay=weight_decay,
+                        update_each=update_each, start_preconditioning_step=start_preconditioning_step,
+                        block_size=block_size, graft=graft, graft_eps=graft_eps, root_method=root_method)
+        super().__init__(params, defaults)
+
+    def _extra_state(self) -> dict:
+        return {"version": 1}
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One update from ``p.grad``; ``closure`` (optional) re-evaluates the model, calls
+        ``backward`` and returns the loss, as in torch."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        what = "a Shampoo factor, root or update"
+        try:
+            plans = [self._prepare(group) for group in self.param_groups]
+        except NonFiniteError:
+            raise_non_finite(what, loss, grads)
+        if not bool(finite([t for plan in plans for t in plan[0]])):
+            raise_non_finite(what, loss, grads)
+        for _, commit in plans:
+            commit()
+        return loss
+
+    def _prepare(self, group: dict) -> tuple[list[Tensor], Any]:
+        """Everything new of one group, out of place: (tensors to check, commit function)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        b1, b2 = group["betas"]
+        bs, start, every = group["block_size"], group["start_preconditioning_step"], group["update_each"]
+        for p in params:
+            if p.grad.is_sparse:
+                raise ArgumentError("Shampoo does not support sparse gradients")
+            st = self.state[p]
+            if not st:
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
+                st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+                if (mn := matrix_shape(p.shape)) is not None:
+                    for j, blk in enumerate(block_slices(*mn, bs)):
+                        m, n = block_shape(blk)
+                        st[f"L{j}"] = p.new_zeros((m, m), dtype=state_dtype(p))
+                        st[f"R{j}"] = p.new_zeros((n, n), dtype=state_dtype(p))
+        if not params:
+            return [], lambda: None
+        states = [self.state[p] for p in params]
+        ts = [st["step"] + 1 for st in states]
+        g = [p.grad.to(state_dtype(p)) for p in params]
+        m_old, v_old = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        m_new = torch._foreach_lerp(m_old, g, 1 - b1)
+        v_new = torch._foreach_lerp(v_old, torch._foreach_mul(g, g), 1 - b2)
+        denom = torch._foreach_sqrt(torch._foreach_div(v_new, [1 - b2**t for t in ts]))
+        torch._foreach_add_(denom, group["graft_eps"])
+        adam = torch._foreach_div(torch._foreach_div(m_new, [1 - b1**t for t in ts]), denom)
+        dirs = list(adam)
+
+        # matrix blocks, bucketed by (shape, step, dtype, device)
+        entries = []
+        for i, p in enumerate(params):
+            if (mn := matrix_shape(p.shape)) is not None:
+                entries += [(i, j, blk) for j, blk in enumerate(block_slices(*mn, bs))]
+        check, dst, src = [*m_new, *v_new], [*m_old, *v_old], [*m_new, *v_new]
+        slots = []  # (state, key, new value): roots, whose slots may not exist yet
+        mats = {}  # i -> (grad, momentum, adam, direction) as matrices
+        for i, j, blk in entries:
+            if i not in mats:
+                mn = matrix_shape(params[i].shape)
+                d = torch.empty(mn, dtype=g[i].dtype, device=g[i].device) if len(block_slices(*mn, bs)) > 1 else None
+                mats[i] = (g[i].reshape(mn), m_new[i].view(mn), adam[i].view(mn), d)
+        key = lambda e: (block_shape(e[2]), ts[e[0]], g[e[0]].dtype, g[e[0]].device)  # noqa: E731
+        for (_, t, _, _), bucket in group_by(entries, key).items():
+            G = stack([mats[i][0][blk] for i, _, blk in bucket])
+            L, R = factor_ema(stack([states[i][f"L{j}"] for i, j, _ in bucket]),
+                              stack([states[i][f"R{j}"] for i, j, _ in bucket]), G, b2)
+            check += [L, R]
+            dst += [states[i][f"{f}{j}"] for f in "LR" for i, j, _ in bucket]
+            src += [*L.unbind(0), *R.unbind(0)]
+            if t < start:
+                continue
+            if (t - start) % every == 0:
+                c = 1 - b2**t
+                Lr, Rr = (inverse_root(F / c, 4, group["epsilon"], group["root_method"]).to(F.dtype) for F in (L, R))
+                check += [Lr, Rr]
+                slots += [(states[i], f"{f}{j}", X[k]) for f, X in (("Lroot", Lr), ("Rroot", Rr))
+                          for k, (i, j, _) in enumerate(bucket)]
+            else:
+                Lr = stack([states[i][f"Lroot{j}"] for i, j, _ in bucket])
+                Rr = stack([states[i][f"Rroot{j}"] for i, j, _ in bucket])
+            D = torch.bmm(torch.bmm(Lr, stack([mats[i][1][blk] for i, _, blk in bucket])), Rr)
+            if group["graft"] == "adam":
+                A = stack([mats[i][2][blk] for i, _, blk in bucket])
+                na = torch.linalg.vector_norm(A, dim=(-2, -1), keepdim=True)
+                nd = torch.linalg.vector_norm(D, dim=(-2, -1), keepdim=True)
+                D = D * (na / nd.clamp_min(torch.finfo(D.dtype).tiny))
+            elif b1:
+                D = D / (1 - b1**t)  # the bias-corrected momentum
+            for k, (i, _, blk) in enumerate(bucket):
+                if mats[i][3] is None:
+                    dirs[i] = D[k].view(params[i].shape)
+                else:
+                    mats[i][3][blk].copy_(D[k])
+                    dirs[i] = mats[i][3].view(params[i].shape)
+        check += dirs
+
+        def commit() -> None:
+            for st, k, x in slots:
+                if k not in st:
+                    st[k] = torch.empty_like(x)
+            copy_all(dst + [st[k] for st, k, _ in slots], src + [x for _, _, x in slots])
+            for st, t in zip(states, ts):
+                st["step"] = t
+            apply_update(params, dirs, group["lr"], group["weight_decay"])
+
+        return check, commit
+
+
+def apply_update(params: list[Tensor], dirs: list[Tensor], lr: float, weight_decay: float,
+                 decay_first: bool = True) -> None:
+    """``p = p (1 - lr weight_decay) - lr d`` (``decay_first=False``: ``(p - lr d)(1 - lr
+    weight_decay)``, SOAP's order) in the state dtype, written back in ``p``'s dtype.
+    Cost: two foreach calls."""
+    xs = [p if p.dtype == d.dtype else p.to(d.dtype) for p, d in zip(params, dirs)]
+    if weight_decay and decay_first:
+        torch._foreach_mul_(xs, 1 - lr * weight_decay)
+    torch._foreach_add_(xs, dirs, alpha=-lr)
+    if weight_decay and not decay_first:
+        torch._foreach_mul_(xs, 1 - lr * weight_decay)
+    low = [(p, x) for p, x in zip(params, xs) if p is not x]
+    copy_all([p for p, _ in low], [x for _, x in low])
