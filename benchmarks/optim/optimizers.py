@@ -84,9 +84,11 @@ MUON_ADAMW_LR = 1e-2  # the AdamW part of every Muon row: AdamW's best rate on a
 def muon_split(model):
     """(matrices, others): the parameters Muon orthogonalises and those AdamW takes, by curvkit's
     rule, so every Muon row (curvkit's and the peers') splits the model the same way."""
-    from curvkit.optim.muon import split_params
+    from curvkit.optim.muon import split_model
 
-    return split_params(model)
+    groups = split_model(model)
+    return ([p for g in groups if g["use_muon"] for p in g["params"]],
+            [p for g in groups if not g["use_muon"] for p in g["params"]])
 
 
 def _ck_kfac(model, lr, refresh, seed):
@@ -185,6 +187,25 @@ SPECS: dict[str, OptSpec] = {s.name: s for s in [
             refreshes=(1, 10), default_refresh=1, package="pytorch_optimizer", note="pytorch-optimizer (peer)"),
     OptSpec("po_sophiah", [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], _po("SophiaH"), "create_graph",
             refreshes=(1, 10), default_refresh=10, package="pytorch_optimizer", note="pytorch-optimizer (peer)"),
+    # issue 7: Kronecker-factored and orthogonalising optimizers, preconditioners refreshed every 10
+    OptSpec("kfac", [3e-3, 1e-2, 3e-2, 1e-1], _ck_kfac, "torch", refreshes=(10,), default_refresh=10,
+            package="curvkit.optim", note="curvkit", not_for={"pinn_poisson": _KFAC_PINN}),
+    OptSpec("shampoo", [3e-4, 1e-3, 3e-3, 1e-2], _ck_shampoo, "torch", refreshes=(10,), default_refresh=10,
+            package="curvkit.optim", note="curvkit, grafted to Adam"),
+    OptSpec("soap", [1e-3, 3e-3, 1e-2, 3e-2], _ck_soap, "torch", refreshes=(10,), default_refresh=10,
+            package="curvkit.optim", note="curvkit"),
+    OptSpec("muon", [3e-3, 1e-2, 3e-2, 1e-1], _ck_muon, "torch", package="curvkit.optim",
+            note=f"curvkit; AdamW lr {MUON_ADAMW_LR:g} for embeddings, head, norms, biases"),
+    OptSpec("hb_soap", [1e-3, 3e-3, 1e-2, 3e-2], _hb("SOAP"), "torch", refreshes=(10,), default_refresh=10,
+            package="heavyball", note="heavyball (peer)"),
+    OptSpec("hb_psgd_kron", [3e-4, 1e-3, 3e-3, 1e-2], _hb("PSGDKron"), "torch", package="heavyball",
+            note="heavyball (peer)"),
+    OptSpec("hb_muon", [3e-3, 1e-2, 3e-2, 1e-1], _hb_muon, "torch", package="heavyball",
+            note="heavyball Muon + AdamW (SplitOpt), curvkit's split (peer)"),
+    OptSpec("po_shampoo", [3e-4, 1e-3, 3e-3, 1e-2], _po_shampoo, "torch", refreshes=(10,), default_refresh=10,
+            package="pytorch_optimizer", note="pytorch-optimizer (peer)"),
+    OptSpec("po_muon", [3e-3, 1e-2, 3e-2, 1e-1], _po_muon, "torch", package="pytorch_optimizer",
+            note="pytorch-optimizer, curvkit's split (peer)"),
 ]}
 
 

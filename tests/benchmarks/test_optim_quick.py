@@ -3,6 +3,7 @@ with AdamW and curvkit's AdaHessian and Sophia (both estimators), on CPU. Speed 
 not a test: this only checks that the harness runs end to end and writes its outputs."""
 
 import importlib.util
+import shutil
 import json
 import math
 import sys
@@ -21,6 +22,7 @@ if importlib.util.find_spec("mlxtend") is None:
                 allow_module_level=True)
 
 from benchmarks.optim import harness  # noqa: E402
+from benchmarks.optim.optimizers import SPECS  # noqa: E402
 from benchmarks.optim.workloads import WORKLOADS  # noqa: E402
 
 
@@ -33,9 +35,7 @@ def one_thread():
 
 
 def test_quick_mode_runs_every_workload(tmp_path, one_thread):
-    optimizers = ["adamw"]
-    if importlib.util.find_spec("curvkit.optim") is not None:
-        optimizers += ["adahessian", "sophia_h", "sophia_gnb"]
+    optimizers = ["adamw", "adahessian", "sophia_h", "sophia_gnb", "kfac", "shampoo", "soap", "muon"]
     res = harness.run(list(WORKLOADS), optimizers, device="cpu", quick=True, out=tmp_path, log=lambda *a, **k: None)
 
     for name in ["results.json", "results.md"] + [f"{w}.png" for w in WORKLOADS]:
@@ -44,7 +44,8 @@ def test_quick_mode_runs_every_workload(tmp_path, one_thread):
     assert set(saved["workloads"]) == set(WORKLOADS)
     for wname, wres in saved["workloads"].items():
         ran = {r["optimizer"] for r in wres["runs"]}
-        expected = {o for o in optimizers if o != "sophia_gnb" or WORKLOADS[wname].likelihood}
+        expected = {o for o in optimizers if (o != "sophia_gnb" or WORKLOADS[wname].likelihood)
+                    and wname not in SPECS[o].not_for}
         assert ran == expected, (wname, ran)
         for r in wres["runs"]:
             assert r["status"] == "ok", (wname, r["optimizer"], r["status"])
@@ -57,3 +58,16 @@ def test_quick_mode_runs_every_workload(tmp_path, one_thread):
         assert all(math.isfinite(v["ratio_to_adamw"]) and v["ms"] > 0 for v in per.values())
     md = res["markdown"]
     assert all(f"**{w}**" in md for w in WORKLOADS) and "Per-step cost in isolation" in md
+
+    # a sweep split over processes pools into one report: two halves give the whole
+    half = {**saved, "workloads": {w: {**v, "runs": v["runs"][::2]} for w, v in saved["workloads"].items()}}
+    rest = {**saved, "workloads": {w: {**v, "runs": v["runs"][1::2]} for w, v in saved["workloads"].items()}}
+    for name, part in (("a", half), ("b", rest)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(part))
+    merged = harness.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    for wname, wres in merged["workloads"].items():
+        assert sorted(r["optimizer"] for r in wres["runs"]) == sorted(r["optimizer"] for r in saved["workloads"][wname]["runs"])
+        assert wres["summary"].keys() == saved["workloads"][wname]["summary"].keys()
+    assert (tmp_path / "merged" / "results.md").read_text().count("**") >= 2 * len(WORKLOADS)
+    shutil.rmtree(tmp_path / "merged")

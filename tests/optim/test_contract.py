@@ -25,7 +25,8 @@ def _shampoo(model, **kw):
 
 def _soap(model, **kw):
     from curvkit.optim import SOAP
-    return SOAP(model.parameters(), **{"lr": 0.01, "update_each": 3, **kw})
+    # lr 0.03: at 0.01 the reference implementation itself only gets this loss to 0.61x in 40 steps
+    return SOAP(model.parameters(), **{"lr": 0.03, "update_each": 3, **kw})
 
 
 def _muon(model, **kw):
