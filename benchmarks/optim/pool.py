@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from . import step_cost as sc
 from .harness import _warmup, report, run_one
 from .optimizers import SPECS
 from .workloads import WORKLOADS
@@ -92,6 +93,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--deadline", type=float, default=None, help="start no run after this many seconds")
     ap.add_argument("--resume", default=None, help="a previous --out: keep its runs, make only the missing ones")
+    ap.add_argument("--step-cost", action="store_true",
+                    help="first measure the per-step cost and the matrix functions in isolation (alone on the device)")
+    ap.add_argument("--cost-steps", type=int, default=50)
+    ap.add_argument("--cost-repeats", type=int, default=3)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -104,9 +109,20 @@ def main(argv=None) -> None:
         names.insert(0, "adamw")
     jobs = plan(args.workloads, names, range(args.seeds), args.lrs)
     done: list[dict] = []
+    extra: dict = {}
+    if args.step_cost:  # before the workers start: nothing else on the device
+        extra["step_cost"] = sc.step_costs(args.workloads, names, dev, steps=args.cost_steps,
+                                           repeats=args.cost_repeats, data_dir=args.data_dir)
+        extra["matfun_cost"] = sc.matfun_costs(args.workloads, dev, data_dir=args.data_dir)
     if args.resume:
-        prev = json.loads((Path(args.resume) / "results.json").read_text())
-        done = [r for wres in prev["workloads"].values() for r in wres["runs"] if not r.get("error")]
+        rp = Path(args.resume)
+        if (rp / "results.json").is_file():
+            prev = json.loads((rp / "results.json").read_text())
+            extra = {k: prev[k] for k in ("step_cost", "matfun_cost") if prev.get(k)} | extra
+            done = [r for wres in prev["workloads"].values() for r in wres["runs"]]
+        else:  # a part killed before its report: its runs as they came in
+            done = [json.loads(line) for line in (rp / "runs.jsonl").read_text().splitlines() if line.strip()]
+        done = [r for r in done if not r.get("error")]
         have = {(r["seed"], r["workload"], r["optimizer"], r["lr"]) for r in done}
         jobs = [j for j in jobs if (j[0], j[2], j[3], j[4]) not in have]
     print(f"{len(jobs)} runs on {args.workers} workers", flush=True)
@@ -119,7 +135,12 @@ def main(argv=None) -> None:
     for p in procs:
         p.start()
     got, started_stop = [], False
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "runs.jsonl").open("w")
     while len(got) < len(jobs):
+        if args.deadline and time.perf_counter() - t_start > args.deadline + 120:
+            print("runs still going 120 s after the deadline: stopped", flush=True)
+            break
         if args.deadline and not started_stop and time.perf_counter() - t_start > args.deadline:
             while True:  # drain the queue: runs already started finish, no new one starts
                 try:
@@ -137,15 +158,18 @@ def main(argv=None) -> None:
                     q_jobs.put(None)
             continue
         got.append(r)
+        log.write(json.dumps(r, default=float) + "\n")
+        log.flush()
         ttt = f"{r['time_to_target_s']:.2f}s/{r['steps_to_target']}" if r.get("steps_to_target") else "—"
         print(f"[{len(got)}/{len(jobs)} {time.perf_counter() - t_start:5.0f}s w{r['worker']}] {r['workload']:13s} "
               f"{r['optimizer']:14s} lr {r['lr']:<7g} seed {r['seed']} final {r.get('final_metric', float('nan')):.4f} "
               f"target {ttt:>12s} {r.get('step_ms', float('nan')):.2f} ms/step {r['status'] if r['status'] != 'ok' else ''}",
               flush=True)
+    log.close()
     for _ in procs:
         q_jobs.put(None)
     for p in procs:
-        p.join(timeout=30)
+        p.join(timeout=10)
         if p.is_alive():
             p.terminate()
     have = {(r["seed"], r["workload"], r["optimizer"], r["lr"]) for r in got}
@@ -163,7 +187,7 @@ def main(argv=None) -> None:
         "workers": args.workers, "not_run": not_run,
         "errors": [f"{r['workload']} {r['optimizer']} lr {r['lr']} seed {r['seed']}: {r['status']}" for r in errors],
     }
-    results = {"meta": meta, "workloads": {}}
+    results = {"meta": meta, "workloads": {}, **extra}
     for wname in args.workloads:
         w = WORKLOADS[wname]
         results["workloads"][wname] = {"metric": w.metric, "target": w.target, "higher_is_better": w.higher_is_better,

@@ -93,7 +93,8 @@ def _timed(fn, device, repeats: int = 20) -> float:
 
 def matfun_costs(workload_names, device, refresh: int = 10, data_dir=None, log=print) -> dict:
     """The matrix functions of one step in isolation, per workload: Muon's Newton-Schulz on every
-    matrix it orthogonalises (per step), and the ``eigh`` of every Shampoo/SOAP factor (per
+    matrix it orthogonalises, one call per matrix (per step; curvkit's Muon batches matrices of one
+    shape into one call, so this bounds its cost from above), and the ``eigh`` of every Shampoo/SOAP factor (per
     refresh, and amortised over ``refresh`` steps), next to one AdamW step (forward, backward,
     update) on the same model. Cost: about 30 calls of each."""
     from curvkit.approx.matfun import newton_schulz, sym_eigh
