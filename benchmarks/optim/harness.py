@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from . import step_cost as sc
-from .optimizers import SPECS, OptSpec, make_stepper, state_bytes
+from .optimizers import SPECS, OptSpec, heavyball_mode, make_stepper, state_bytes
 from .workloads import WORKLOADS, Workload
 
 CURVKIT = ("adahessian", "sophia_h", "sophia_gnb")   # issue 6's goals
@@ -311,7 +311,7 @@ def run(workloads, optimizers, device="cpu", seeds=(0, 1, 2), quick=False, out=N
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv),
-        "seeds": list(seeds), "quick": quick, "skipped": skipped,
+        "seeds": list(seeds), "quick": quick, "skipped": skipped, "heavyball_compile_mode": heavyball_mode(),
         "memory": "CUDA max_memory_allocated per run (peak_mb) and optimizer state bytes (state_mb)" if device.type == "cuda"
                   else "CPU: optimizer state bytes only (state_mb); peak process memory is not measured per run",
     }
@@ -404,7 +404,8 @@ def report(results: dict, out: Path) -> dict:
     results["goals"] = g
     md.append("**Goals (issues 6 and 7)**\n\n" + "\n".join(g))
     header = (f"{meta['date']} · {meta['device']} · torch {meta['torch']} · Python {meta['python']} · "
-              f"seeds {meta['seeds']} · {meta['memory']}")
+              f"seeds {meta['seeds']} · {meta['memory']}"
+              + (f" · heavyball torch.compile mode: {meta['heavyball_compile_mode']}" if meta.get("heavyball_compile_mode") else ""))
     skipped = meta.get("skipped") or []
     text = header + "\n\n" + "\n\n".join(md) + ("\n\nSkipped: " + "; ".join(skipped) if skipped else "") + "\n"
     (out / "results.md").write_text(text)

@@ -20,6 +20,7 @@ the package's default except the learning rate and the refresh period.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -115,9 +116,30 @@ def _ck_muon(model, lr, refresh, seed):
     return Muon(model, lr=lr, adamw_lr=MUON_ADAMW_LR, weight_decay=0.0)
 
 
+def _heavyball():
+    """heavyball, with its torch.compile mode from ``CURVKIT_BENCH_HEAVYBALL_COMPILE`` if set
+    ("none": eager; else a torch.compile mode). Its default, "max-autotune-no-cudagraphs",
+    autotunes every matrix shape of every optimizer instance: on the H100 the first workload's
+    warm-up had not finished after 8 minutes, so GPU runs state the mode they used."""
+    import heavyball
+
+    mode = os.environ.get("CURVKIT_BENCH_HEAVYBALL_COMPILE")
+    if mode is not None:
+        heavyball.utils.compile_mode = None if mode == "none" else mode
+    return heavyball
+
+
+def heavyball_mode() -> str | None:
+    """The compile mode heavyball rows run with (None if heavyball is not importable)."""
+    try:
+        return str(_heavyball().utils.compile_mode)
+    except ImportError:
+        return None
+
+
 def _hb(name: str, **kw):
     def f(model, lr, refresh, seed):
-        import heavyball
+        heavyball = _heavyball()
 
         extra = {"precondition_frequency": refresh} if name == "SOAP" else {}
         return getattr(heavyball, name)(model.parameters(), lr=lr, weight_decay=0.0, **extra, **kw)
@@ -126,7 +148,7 @@ def _hb(name: str, **kw):
 
 
 def _hb_muon(model, lr, refresh, seed):
-    import heavyball
+    heavyball = _heavyball()
 
     mats, rest = muon_split(model)
     return heavyball.SplitOpt([

@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 from . import step_cost as sc
 from .harness import _warmup, report, run_one
-from .optimizers import SPECS
+from .optimizers import SPECS, heavyball_mode
 from .workloads import WORKLOADS
 
 
@@ -180,7 +180,7 @@ def main(argv=None) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.machine()})",
         "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv),
-        "seeds": list(range(args.seeds)), "quick": False, "skipped": skipped,
+        "seeds": list(range(args.seeds)), "quick": False, "skipped": skipped, "heavyball_compile_mode": heavyball_mode(),
         "memory": ("CUDA max_memory_allocated per run (peak_mb) and optimizer state bytes (state_mb)" if dev.type == "cuda"
                    else "CPU: optimizer state bytes only (state_mb)")
                   + f"; timings taken with {args.workers} worker processes sharing the device",
