@@ -28,6 +28,9 @@ from typing import Any, Callable, Hashable, Iterable
 import torch
 from torch import Tensor
 
+from ..errors import NonFiniteError
+from ._base import CurvkitOptimizer, all_finite, raise_non_finite
+
 
 def matrix_shape(shape: torch.Size) -> tuple[int, int] | None:
     """``(shape[0], prod(shape[1:]))`` for ``dim >= 2``; ``None`` (diagonal treatment) otherwise."""
@@ -76,14 +79,32 @@ def copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
         torch._foreach_copy_(dst, src)
 
 
-def finite(tensors: list[Tensor]) -> Tensor:
-    """0-d bool tensor: every entry of every tensor is finite. One foreach max-abs norm per
-    dtype/device (a NaN or inf entry makes it NaN/inf; max-abs never overflows), no sync."""
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return torch.tensor(True)
-    flags = []
-    for ts in group_by(tensors, lambda t: (t.dtype, t.device)).values():
-        flags.append(torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all())
-    dev = flags[0].device
-    return torch.stack([f.to(dev) for f in flags]).all()
+class KronOptimizer(CurvkitOptimizer):
+    """The step Shampoo and SOAP share: every group's new state computed out of place by
+    ``_prepare(group) -> (new tensors, commit)``, ONE finiteness check over all of it (the only
+    host sync of an ordinary step), then the commits. A NaN/inf gradient, factor, root or
+    eigenbasis raises ``NonFiniteError`` with parameters and state untouched."""
+
+    _what = "a Kronecker factor or update"
+
+    def _prepare(self, group: dict) -> tuple[list[Tensor], Callable[[], None]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One update from ``p.grad``; ``closure`` (optional) re-evaluates the model, calls
+        ``backward`` and returns the loss, as in torch."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        try:
+            plans = [self._prepare(group) for group in self.param_groups]
+        except NonFiniteError:  # an eigh/root of a non-finite factor refused it
+            raise_non_finite(self._what, loss, grads)
+        if not bool(all_finite([t for plan in plans for t in plan[0]])):
+            raise_non_finite(self._what, loss, grads)
+        for _, commit in plans:
+            commit()
+        return loss

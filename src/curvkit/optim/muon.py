@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..approx.matfun import newton_schulz
 from ..errors import ArgumentError
-from ._base import (CurvkitOptimizer, check_betas, check_number, check_positive_int, raise_non_finite,
+from ._base import (CurvkitOptimizer, all_finite, check_betas, check_number, check_positive_int, raise_non_finite,
                     state_dtype)
 
 SCALES = ("keller", "moonshot")
@@ -116,12 +116,6 @@ def _copy_back(params: list[Tensor], xs: list[Tensor]) -> None:
     pairs = [(p, x) for p, x in zip(params, xs) if p is not x]
     if pairs:
         torch._foreach_copy_([p for p, _ in pairs], [x for _, x in pairs])
-
-
-def _all_finite(tensors: list[Tensor]) -> Tensor:
-    """0-d bool: every entry is finite. L1 norms (a sum propagates NaN/inf on every backend) in
-    one foreach call, so a few kernels for any number of tensors; no host sync."""
-    return torch.stack(torch._foreach_norm(tensors, 1)).isfinite().all()
 
 
 def split_model(model: nn.Module, adamw_params: Any = None) -> list[dict]:
@@ -304,7 +298,7 @@ class Muon(CurvkitOptimizer):
                 checks += v  # v = b2 v + (1 - b2) g^2 is NaN/inf whenever the gradient is
         if not checks:
             return loss
-        if not bool(_all_finite(checks)):  # the one host sync of the step
+        if not bool(all_finite(checks)):  # the one host sync of the step
             raise_non_finite("the orthogonalised update", loss if isinstance(loss, Tensor) else None, grads)
         for group, ps, new, dirs in muon:
             for p, b in zip(ps, new):

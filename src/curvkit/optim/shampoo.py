@@ -10,13 +10,12 @@ import torch
 from torch import Tensor
 
 from ..approx.matfun import inverse_root
-from ..errors import ArgumentError, NonFiniteError
-from ._base import (CurvkitOptimizer, check_betas, check_number, check_positive_int, raise_non_finite,
-                    state_dtype)
-from ._kron import block_shape, block_slices, copy_all, factor_ema, finite, group_by, matrix_shape, stack
+from ..errors import ArgumentError
+from ._base import check_betas, check_number, check_positive_int, state_dtype
+from ._kron import KronOptimizer, block_shape, block_slices, copy_all, factor_ema, group_by, matrix_shape, stack
 
 
-class Shampoo(CurvkitOptimizer):
+class Shampoo(KronOptimizer):
     r"""Shampoo with Adam grafting as a ``torch.optim.Optimizer`` (``loss.backward(); opt.step()``).
 
     For a matrix parameter (conv kernels as ``(out, in*kh*kw)``), cut into blocks of at most
@@ -60,6 +59,8 @@ class Shampoo(CurvkitOptimizer):
     much for the roots, plus two parameter-sized moments.
     """
 
+    _what = "a Shampoo factor, root or update"
+
     def __init__(
         self,
         params: Any,
@@ -97,26 +98,6 @@ class Shampoo(CurvkitOptimizer):
 
     def _extra_state(self) -> dict:
         return {"version": 1}
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """One update from ``p.grad``; ``closure`` (optional) re-evaluates the model, calls
-        ``backward`` and returns the loss, as in torch."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        what = "a Shampoo factor, root or update"
-        try:
-            plans = [self._prepare(group) for group in self.param_groups]
-        except NonFiniteError:
-            raise_non_finite(what, loss, grads)
-        if not bool(finite([t for plan in plans for t in plan[0]])):
-            raise_non_finite(what, loss, grads)
-        for _, commit in plans:
-            commit()
-        return loss
 
     def _prepare(self, group: dict) -> tuple[list[Tensor], Any]:
         """Everything new of one group, out of place: (tensors to check, commit function)."""
