@@ -243,11 +243,3 @@ def test_bf16_model_keeps_float32_factors():
     assert all(A.dtype == torch.float32 and G.dtype == torch.float32 for A, G in K.factors.values())
     v = torch.randn(K.shape[0], dtype=torch.bfloat16)
     assert (K @ v).dtype == torch.bfloat16 and torch.isfinite((K.inverse(1e-2) @ v).float()).all()
-
-
-def test_docstring_example_runs():
-    import doctest
-    import sys
-
-    result = doctest.testmod(sys.modules["curvkit.approx.kfac"], optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

@@ -3,13 +3,11 @@ AdamW, AdamW bit for bit against torch's, argument checks and NaN safety. The co
 with the other torch-style optimizers (resume, bf16, devices) is in test_contract.py."""
 
 import copy
-import doctest
 
 import pytest
 import torch
 from torch import nn
 
-import curvkit.optim.muon
 from curvkit.errors import ArgumentError, NonFiniteError
 from curvkit.optim import Muon
 
@@ -237,8 +235,3 @@ def test_model_split_resumes_bit_exactly():
     opt.load_state_dict(sd)
     run(model, opt, 3)
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
-
-
-def test_doctest():
-    result = doctest.testmod(curvkit.optim.muon, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
