@@ -70,3 +70,9 @@ def test_bad_inputs_are_named():
         inverse_root(torch.eye(3), 2, method="svd")
     with pytest.raises(NonFiniteError, match="NaN"):
         inverse_root(torch.full((3, 3), float("nan")), 2)
+
+
+def test_newton_converges_on_a_rank_deficient_float32_factor():
+    V = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    X = inverse_root(V @ V.T, 4, eps=1e-12, method="newton")  # round-off makes V V^T indefinite
+    assert torch.isfinite(X).all()

@@ -188,3 +188,13 @@ def test_failed_step_leaves_factors_and_counter_alone():
         _step(model, opt, x * float("inf"), y)
     assert opt._step == 1 and not opt._sums
     assert all(torch.equal(v, opt.state[model[0].weight][k]) for k, v in state.items())
+
+
+def test_zero_grad_drops_the_statistics_of_a_skipped_step():
+    model, (x, y) = classifier(), class_batches()[0]
+    opt = KFAC(model)
+    loss = nn.functional.cross_entropy(model(x * float("inf")), y)
+    loss.backward()  # a backward whose step is skipped (as GradScaler does on an overflow)
+    assert opt._sums
+    _step(model, opt, x, y)  # zero_grad first: the stale, non-finite statistics are gone
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -194,3 +194,32 @@ def test_nan_leaves_parameters_and_state_unchanged(where):
         opt.step()
     assert torch.equal(W.detach(), before[0]) and torch.equal(b.detach(), before[1])
     assert _same_state(opt, saved)
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_rank_deficient_factors_precondition_with_the_default_epsilon(method):
+    # a 16x3 weight: its 16x16 factor has rank <= 3, round-off makes it slightly indefinite
+    W = torch.randn(16, 3, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    opt = Shampoo([W], update_each=1, root_method=method)
+    for k in range(3):
+        W.grad = torch.randn(16, 3, generator=torch.Generator().manual_seed(k + 1))
+        opt.step()
+    assert torch.isfinite(W).all() and "Lroot0" in opt.state[W]
+
+
+def test_epsilon_zero_is_refused():
+    with pytest.raises(ArgumentError, match="epsilon"):
+        Shampoo([torch.zeros(4, 3, requires_grad=True)], epsilon=0.0)
+
+
+def test_a_later_start_set_mid_run_computes_the_missing_roots():
+    W = torch.randn(5, 4, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    opt = Shampoo([W], update_each=10)  # roots first at step 10
+    W.grad = torch.randn(5, 4)
+    opt.step()
+    opt.param_groups[0]["start_preconditioning_step"] = 2  # now due at a step that is not a refresh
+    opt.param_groups[0]["update_each"] = 7
+    for _ in range(3):
+        W.grad = torch.randn(5, 4)
+        opt.step()
+    assert "Lroot0" in opt.state[W] and torch.isfinite(W).all()

@@ -49,8 +49,10 @@ def inverse_root(A: Tensor, p: float, eps: float = 0.0, method: str = "eigh", it
     Shampoo): ``X <- X T``, ``M <- T^p M`` with ``T = ((p+1) I - M) / p``, started from
     ``X = z^(1/p) I``, ``M = z (A + eps I)``, ``z = (1+p) / (2 ||A + eps I||_F)`` so that the
     iteration converges for any SPD input. Cost: about ``p + 2`` matrix products per iteration,
-    until ``max|M - I| <= tol`` or ``iters``; only matrix products, so it stays on the GPU with
-    no host-side LAPACK call. Needs ``A + eps I`` positive definite.
+    until ``max|M - I| <= tol`` or ``iters`` (the convergence test reads one number back per
+    iteration); no LAPACK call. The damping is ``max(eps, n * eps_machine * ||A||_F)``, so that a
+    positive semi-definite factor whose zero eigenvalues round-off made slightly negative still
+    converges.
     """
     _check_square(A, "inverse_root")
     if not (isinstance(p, (int, float)) and p > 0):
@@ -69,7 +71,11 @@ def inverse_root(A: Tensor, p: float, eps: float = 0.0, method: str = "eigh", it
     if int(p) != p:
         raise ArgumentError(f"method='newton' needs an integer root p, got {p!r}; use method='eigh'")
     A = A.to(dt)
-    A = 0.5 * (A + A.transpose(-1, -2)) + eps * eye
+    A = 0.5 * (A + A.transpose(-1, -2))
+    # round-off leaves a PSD factor's zero eigenvalues near -eps_mach * ||A||: a floor of
+    # n * eps_mach * ||A||_F makes it positive definite, which the iteration needs
+    floor = n * torch.finfo(dt).eps * torch.linalg.matrix_norm(A)[..., None, None]
+    A = A + torch.clamp(floor, min=eps) * eye
     if tol is None:
         tol = 1e-10 if dt == torch.float64 else 1e-5
     norm = torch.linalg.matrix_norm(A).clamp_min(torch.finfo(dt).tiny)[..., None, None]

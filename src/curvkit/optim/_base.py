@@ -60,7 +60,7 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     One ``torch._foreach_norm`` (L1) per dtype and device, so a few kernels for any number of
     tensors (a per-tensor ``isfinite().all()`` costs two launches each). L1 rather than max-abs:
     a sum carries NaN/inf on every backend, where a max kernel may drop NaN; it could only
-    overflow for entries summing past the dtype's range (about 3e38 in float32/bf16).
+    overflow for entries summing past float32's range (about 3e38; half types are summed in float32).
     """
     groups: dict = {}
     for t in tensors:
@@ -68,16 +68,18 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
             groups.setdefault((t.dtype, t.device), []).append(t)
     if not groups:
         return torch.tensor(True)
-    flags = [torch.stack(torch._foreach_norm(ts, 1)).isfinite().all() for ts in groups.values()]
+    # float16 sums overflow at 65504: accumulate half types in float32
+    flags = [torch.stack(torch._foreach_norm(ts, 1, dtype=torch.float32 if dt in (torch.float16, torch.bfloat16) else None))
+             .isfinite().all() for (dt, _), ts in groups.items()]
     dev = flags[0].device
     return torch.stack([f.to(dev) for f in flags]).all() if len(flags) > 1 else flags[0]
 
 
 def raise_non_finite(what: str, loss: Tensor | None = None, grads: list[Tensor] | None = None) -> None:
     """Say which of the loss, the gradient or ``what`` (the curvature estimate) is not finite."""
-    if loss is not None and not torch.isfinite(loss).all():
+    if loss is not None and not torch.isfinite(torch.as_tensor(loss)).all():
         raise NonFiniteError(
-            f"the loss is {loss.item()}; the parameters were not changed. Check the batch "
+            f"the loss is {float(loss)}; the parameters were not changed. Check the batch "
             "and lower the learning rate that led here"
         )
     if grads and not bool(all_finite(grads)):
@@ -121,6 +123,5 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         for i, p in zip(ids, params):
             for k, v in state_dict["state"].get(i, {}).items():
                 if isinstance(v, Tensor) and v.is_floating_point():
-                    self.state[p][k] = v.to(device=p.device, dtype=state_dtype(p) if v.dtype != torch.float64
-                                            else v.dtype, copy=True)
+                    self.state[p][k] = v.to(device=p.device, dtype=state_dtype(p), copy=True)
         self._load_extra_state(extra)

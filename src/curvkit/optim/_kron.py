@@ -108,3 +108,18 @@ class KronOptimizer(CurvkitOptimizer):
         for _, commit in plans:
             commit()
         return loss
+
+
+def apply_update(params: list[Tensor], dirs: list[Tensor], lr: float, weight_decay: float,
+                 decay_first: bool = True) -> None:
+    """``p = p (1 - lr weight_decay) - lr d`` (``decay_first=False``: ``(p - lr d)(1 - lr
+    weight_decay)``, SOAP's order) in the state dtype, written back in ``p``'s dtype.
+    Cost: two foreach calls."""
+    xs = [p if p.dtype == d.dtype else p.to(d.dtype) for p, d in zip(params, dirs)]
+    if weight_decay and decay_first:
+        torch._foreach_mul_(xs, 1 - lr * weight_decay)
+    torch._foreach_add_(xs, dirs, alpha=-lr)
+    if weight_decay and not decay_first:
+        torch._foreach_mul_(xs, 1 - lr * weight_decay)
+    low = [(p, x) for p, x in zip(params, xs) if p is not x]
+    copy_all([p for p, _ in low], [x for _, x in low])

@@ -2,8 +2,9 @@ r"""K-FAC (Martens & Grosse 2015) as a ``torch.optim.Optimizer`` driven by the p
 ``opt.zero_grad(); loss.backward(); opt.step()``.
 
 The factors come from :mod:`curvkit.approx.kronecker`, the same core as ``ck.kfac``: with
-``fisher_type="empirical"`` on one batch, ``ck.kfac(...).inverse(damping)`` applied to the
-gradient is exactly this optimizer's first preconditioned direction.
+``fisher_type="empirical"`` on one batch of a model whose layers see one row per example and a
+loss that averages over the examples, ``ck.kfac(...).inverse(damping)`` applied to the gradient
+is exactly this optimizer's first preconditioned direction (``kl_clip=None``).
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ class KFAC(CurvkitOptimizer):
     predicate, tensors) restricts what this optimizer trains. ``G`` assumes the loss averages
     over examples (as cross-entropy does); a loss that also averages over outputs (``MSELoss``
     over ``d`` outputs) gives ``G / d`` relative to ``ck.kfac(..., fisher_type="empirical")``,
-    which only rescales the effective damping. ``remove_hooks()`` detaches it from the model.
+    layers applied at ``S`` positions per example (sequences) give ``G / S``, and a loss divided
+    by ``k`` for gradient accumulation gives ``G / k^2``: each only rescales the effective
+    damping (and the KL clip). Under fp16 ``GradScaler`` the hooks see scaled gradients, so ``G``
+    carries the scale squared: use bf16 autocast, which needs no scaler. ``remove_hooks()`` detaches it from the model.
 
     Cost per step: the backward the user runs; on factor-update steps one ``(rows x cols)``
     Gram matrix for each factor of each layer (conv inputs unfolded) and activations kept
@@ -150,6 +154,13 @@ class KFAC(CurvkitOptimizer):
             else:
                 s[0], s[1], s[2] = s[0] + A, s[1] + G, s[2] + 1
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``, and the factor statistics of a backward whose step never came
+        (e.g. one that ``GradScaler`` skipped for an overflow) are dropped with the gradients."""
+        self._sums.clear()
+        self._seen.clear()
+        super().zero_grad(set_to_none=set_to_none)
+
     # the step --------------------------------------------------------------------------
     def _layer_state(self, i: int) -> dict:
         return self.state[self._lparams[i][0]]
@@ -166,7 +177,7 @@ class KFAC(CurvkitOptimizer):
                 s = [torch.zeros(cols, cols, **z), torch.zeros(out, out, **z), 0]
             stats.append(s)
         counts = [s[2] for s in stats]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if stats and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             c = [torch.tensor(float(n), dtype=s[0].dtype, device=s[0].device) for n, s in zip(counts, stats)]
             _all_reduce_sum([[s[0], s[1], t] for s, t in zip(stats, c)])
             counts = torch.stack([t.to(c[0]) for t in c]).tolist()  # ranks agree on which layers ran

@@ -12,7 +12,8 @@ from torch import Tensor
 from ..approx.matfun import inverse_root
 from ..errors import ArgumentError
 from ._base import check_betas, check_number, check_positive_int, state_dtype
-from ._kron import KronOptimizer, block_shape, block_slices, copy_all, factor_ema, group_by, matrix_shape, stack
+from ._kron import (KronOptimizer, apply_update, block_shape, block_slices, copy_all, factor_ema, group_by,
+                    matrix_shape, stack)
 
 
 class Shampoo(KronOptimizer):
@@ -77,7 +78,7 @@ class Shampoo(KronOptimizer):
     ):
         check_number("lr", lr)
         check_betas(betas)
-        check_number("epsilon", epsilon)
+        check_number("epsilon", epsilon, strict=True)  # 0 would invert the zero eigenvalues of a rank-deficient factor
         check_number("weight_decay", weight_decay)
         check_number("graft_eps", graft_eps)
         check_positive_int("update_each", update_each)
@@ -89,8 +90,6 @@ class Shampoo(KronOptimizer):
             raise ArgumentError(f"graft must be 'adam' (Adam's norm per block) or 'none', got {graft!r}")
         if root_method not in ("eigh", "newton"):
             raise ArgumentError(f"root_method must be 'eigh' or 'newton', got {root_method!r}")
-        if root_method == "newton" and epsilon <= 0:
-            raise ArgumentError("root_method='newton' needs epsilon > 0 (the factor must be positive definite)")
         defaults = dict(lr=lr, betas=tuple(betas), epsilon=epsilon, weight_decay=weight_decay,
                         update_each=update_each, start_preconditioning_step=start_preconditioning_step,
                         block_size=block_size, graft=graft, graft_eps=graft_eps, root_method=root_method)
@@ -153,7 +152,7 @@ class Shampoo(KronOptimizer):
             src += [*L.unbind(0), *R.unbind(0)]
             if t < start:
                 continue
-            if (t - start) % every == 0:
+            if (t - start) % every == 0 or any(f"Lroot{j}" not in states[i] for i, j, _ in bucket):
                 c = 1 - b2**t
                 Lr, Rr = (inverse_root(F / c, 4, group["epsilon"], group["root_method"]).to(F.dtype) for F in (L, R))
                 check += [Lr, Rr]
@@ -188,18 +187,3 @@ class Shampoo(KronOptimizer):
             apply_update(params, dirs, group["lr"], group["weight_decay"])
 
         return check, commit
-
-
-def apply_update(params: list[Tensor], dirs: list[Tensor], lr: float, weight_decay: float,
-                 decay_first: bool = True) -> None:
-    """``p = p (1 - lr weight_decay) - lr d`` (``decay_first=False``: ``(p - lr d)(1 - lr
-    weight_decay)``, SOAP's order) in the state dtype, written back in ``p``'s dtype.
-    Cost: two foreach calls."""
-    xs = [p if p.dtype == d.dtype else p.to(d.dtype) for p, d in zip(params, dirs)]
-    if weight_decay and decay_first:
-        torch._foreach_mul_(xs, 1 - lr * weight_decay)
-    torch._foreach_add_(xs, dirs, alpha=-lr)
-    if weight_decay and not decay_first:
-        torch._foreach_mul_(xs, 1 - lr * weight_decay)
-    low = [(p, x) for p, x in zip(params, xs) if p is not x]
-    copy_all([p for p, _ in low], [x for _, x in low])

@@ -11,8 +11,8 @@ from torch import Tensor
 from ..approx.matfun import sym_eigh
 from ..errors import ArgumentError
 from ._base import check_betas, check_number, check_positive_int, state_dtype
-from ._kron import KronOptimizer, block_shape, block_slices, copy_all, factor_ema, group_by, matrix_shape, stack
-from .shampoo import apply_update
+from ._kron import (KronOptimizer, apply_update, block_shape, block_slices, copy_all, factor_ema, group_by,
+                    matrix_shape, stack)
 
 
 def _eigenbasis(F: Tensor) -> Tensor:
@@ -97,7 +97,7 @@ class SOAP(KronOptimizer):
         check_number("lr", lr)
         check_betas(betas)
         if not (isinstance(shampoo_beta, (int, float)) and not isinstance(shampoo_beta, bool)
-                and (shampoo_beta < 0 or shampoo_beta < 1)):
+                and shampoo_beta < 1):
             raise ArgumentError(f"shampoo_beta must be a number < 1 (negative: use betas[1]), got {shampoo_beta!r}")
         check_number("eps", eps)
         check_number("weight_decay", weight_decay)

@@ -1,0 +1,54 @@
+"""The pieces every curvkit optimizer shares (optim._base): the finiteness check, the error it
+raises, and loading state into parameters of another dtype."""
+
+import pytest
+import torch
+
+from curvkit.errors import NonFiniteError
+from curvkit.optim import KFAC, SOAP, Shampoo
+from curvkit.optim._base import all_finite, raise_non_finite
+
+from ._problems import class_batches, classifier
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_does_not_overflow_on_large_finite_tensors(dtype):
+    big = torch.ones(90_000, dtype=dtype)  # its L1 norm, 9e4, is past float16's 65504
+    assert bool(all_finite([big, torch.zeros(3)]))
+    assert not bool(all_finite([big, torch.tensor([1.0, float("nan")], dtype=dtype)]))
+    assert not bool(all_finite([torch.tensor([float("inf")], dtype=dtype)]))
+
+
+def test_fp16_kfac_takes_a_finite_step():
+    model = torch.nn.Linear(300, 300).half()
+    opt = KFAC(model)
+    x = torch.randn(8, 300).half()
+    model(x).float().pow(2).mean().backward()
+    opt.step()  # a finite gradient of 90,000 entries: no spurious NonFiniteError
+    assert torch.isfinite(model.weight).all()
+
+
+def test_a_python_float_loss_is_reported_not_a_type_error():
+    with pytest.raises(NonFiniteError, match="loss is nan"):
+        raise_non_finite("x", float("nan"), [])
+    W = torch.zeros(4, 3, requires_grad=True)
+    W.grad = torch.full_like(W, float("nan"))
+    with pytest.raises(NonFiniteError, match="gradient"):
+        SOAP([W]).step(lambda: 1.0)
+
+
+def test_float64_state_loads_into_a_float32_model():
+    model, batches = classifier(dtype=torch.float64), class_batches(dtype=torch.float64)
+    opt = Shampoo(model.parameters(), update_each=1)
+    for x, y in batches:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model32 = classifier()
+    opt32 = Shampoo(model32.parameters(), update_each=1)
+    opt32.load_state_dict(opt.state_dict())
+    assert all(v.dtype == torch.float32 for st in opt32.state.values() for v in st.values()
+               if torch.is_tensor(v) and v.is_floating_point())
+    x, y = class_batches()[0]
+    torch.nn.functional.cross_entropy(model32(x), y).backward()
+    opt32.step()
