@@ -79,6 +79,24 @@ class Workload:
         return value >= self.target if self.higher_is_better else value <= self.target
 
 
+def epoch_sampler(x: Tensor, y: Tensor, batch_size: int, seed: int) -> Callable[[int], tuple]:
+    """``batch(i)``: the i-th mini-batch of epochs that each visit the data in a fresh random
+    order (seeded; permutations drawn on the CPU, so every device sees the same batches); the
+    last incomplete batch of an epoch is dropped."""
+    gen = torch.Generator().manual_seed(seed)
+    n, per_epoch = len(y), len(y) // batch_size
+    order: list[Tensor] = []
+
+    def batch(i: int):
+        while len(order) <= i // per_epoch:
+            order.append(torch.randperm(n, generator=gen).to(x.device))
+        k = i % per_epoch
+        idx = order[i // per_epoch][k * batch_size:(k + 1) * batch_size]
+        return x[idx], y[idx]
+
+    return batch
+
+
 # --------------------------------------------------------------------------- MNIST CNN
 @functools.lru_cache(maxsize=None)
 def _mnist(data_dir: str | None):
@@ -108,16 +126,7 @@ def _mnist_task(seed: int, device, data_dir: str | None = None, batch_size: int 
         nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
         nn.Flatten(), nn.Linear(16 * 5 * 5, 10),
     ).to(device)
-    gen = torch.Generator().manual_seed(1000 + seed)
-    n = len(ytr)
-    order: list[Tensor] = []
-
-    def batch(i: int):
-        per_epoch = n // batch_size
-        while len(order) <= i // per_epoch:
-            order.append(torch.randperm(n, generator=gen).to(device))
-        idx = order[i // per_epoch][(i % per_epoch) * batch_size:(i % per_epoch + 1) * batch_size]
-        return xtr[idx], ytr[idx]
+    batch = epoch_sampler(xtr, ytr, batch_size, 1000 + seed)
 
     def loss(b):
         logits = model(b[0])
@@ -370,16 +379,7 @@ def _darcy_task(seed: int, device, data_dir: str | None = None, batch_size: int 
     (xtr, ytr), (xte, yte) = (tuple(t.to(device) for t in pair) for pair in _darcy(data_dir))
     torch.manual_seed(seed)
     model = FNO2d().to(device)
-    gen = torch.Generator().manual_seed(4000 + seed)
-    n = len(ytr)
-    order: list[Tensor] = []
-
-    def batch(i: int):
-        per_epoch = n // batch_size
-        while len(order) <= i // per_epoch:
-            order.append(torch.randperm(n, generator=gen).to(device))
-        idx = order[i // per_epoch][(i % per_epoch) * batch_size:(i % per_epoch + 1) * batch_size]
-        return xtr[idx], ytr[idx]
+    batch = epoch_sampler(xtr, ytr, batch_size, 4000 + seed)
 
     def loss(b):
         return relative_l2(model(b[0]), b[1]), None

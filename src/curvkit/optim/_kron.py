@@ -28,8 +28,8 @@ from typing import Any, Callable, Hashable, Iterable
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteError
-from ._base import CurvkitOptimizer, all_finite, raise_non_finite
+from ..errors import ArgumentError, NonFiniteError
+from ._base import CurvkitOptimizer, all_finite, raise_non_finite, state_dtype
 
 
 def matrix_shape(shape: torch.Size) -> tuple[int, int] | None:
@@ -89,6 +89,24 @@ class KronOptimizer(CurvkitOptimizer):
 
     def _prepare(self, group: dict) -> tuple[list[Tensor], Callable[[], None]]:
         raise NotImplementedError
+
+    def _init_state(self, params: list[Tensor], block_size: int) -> None:
+        """First sight of a parameter: Adam's two moments, and zero factors ``L{j}``/``R{j}`` for
+        every block ``j`` of its matrix view (state in ``state_dtype``). Refuses sparse gradients."""
+        for p in params:
+            if p.grad.is_sparse:
+                raise ArgumentError(f"{type(self).__name__} does not support sparse gradients")
+            st = self.state[p]
+            if st:
+                continue
+            st["step"] = 0
+            st["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
+            st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+            if (mn := matrix_shape(p.shape)) is not None:
+                for j, blk in enumerate(block_slices(*mn, block_size)):
+                    m, n = block_shape(blk)
+                    st[f"L{j}"] = p.new_zeros((m, m), dtype=state_dtype(p))
+                    st[f"R{j}"] = p.new_zeros((n, n), dtype=state_dtype(p))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

@@ -103,19 +103,7 @@ class Shampoo(KronOptimizer):
         params = [p for p in group["params"] if p.grad is not None]
         b1, b2 = group["betas"]
         bs, start, every = group["block_size"], group["start_preconditioning_step"], group["update_each"]
-        for p in params:
-            if p.grad.is_sparse:
-                raise ArgumentError("Shampoo does not support sparse gradients")
-            st = self.state[p]
-            if not st:
-                st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
-                st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
-                if (mn := matrix_shape(p.shape)) is not None:
-                    for j, blk in enumerate(block_slices(*mn, bs)):
-                        m, n = block_shape(blk)
-                        st[f"L{j}"] = p.new_zeros((m, m), dtype=state_dtype(p))
-                        st[f"R{j}"] = p.new_zeros((n, n), dtype=state_dtype(p))
+        self._init_state(params, bs)
         if not params:
             return [], lambda: None
         states = [self.state[p] for p in params]

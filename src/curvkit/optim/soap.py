@@ -118,19 +118,7 @@ class SOAP(KronOptimizer):
         b1, b2 = group["betas"]
         sb = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else b2
         bs, eps = group["block_size"], group["eps"]
-        for p in params:
-            if p.grad.is_sparse:
-                raise ArgumentError("SOAP does not support sparse gradients")
-            st = self.state[p]
-            if not st:
-                st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
-                st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
-                if (mn := matrix_shape(p.shape)) is not None:
-                    for j, blk in enumerate(block_slices(*mn, bs)):
-                        m, n = block_shape(blk)
-                        st[f"L{j}"] = p.new_zeros((m, m), dtype=state_dtype(p))
-                        st[f"R{j}"] = p.new_zeros((n, n), dtype=state_dtype(p))
+        self._init_state(params, bs)
         states = [self.state[p] for p in params]
         g = [p.grad.to(state_dtype(p)) for p in params]
         check, dst, src, slots = [], [], [], []  # slots: (state, key, value) for keys that may not exist
