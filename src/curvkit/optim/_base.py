@@ -54,6 +54,14 @@ def use_foreach(foreach: bool | None, params: list[Tensor], *state: list[Tensor]
     return all(t.device == dev and t.dtype == dt for ts in (params, *state) for t in ts)
 
 
+def copy_back(params: list[Tensor], xs: list[Tensor]) -> None:
+    """Write values computed in the state dtype (``xs``) back into their parameters, in one foreach
+    call; a parameter that is its own working copy (same dtype, updated in place) is skipped."""
+    pairs = [(p, x) for p, x in zip(params, xs) if p is not x]
+    if pairs:
+        torch._foreach_copy_([p for p, _ in pairs], [x for _, x in pairs])
+
+
 def all_finite(tensors: list[Tensor]) -> Tensor:
     """A 0-d bool tensor: every entry of every tensor is finite, with no host sync.
 

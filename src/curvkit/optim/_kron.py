@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, NonFiniteError
-from ._base import CurvkitOptimizer, all_finite, raise_non_finite, state_dtype
+from ._base import CurvkitOptimizer, all_finite, copy_back, raise_non_finite, state_dtype
 
 
 def matrix_shape(shape: torch.Size) -> tuple[int, int] | None:
@@ -139,5 +139,4 @@ def apply_update(params: list[Tensor], dirs: list[Tensor], lr: float, weight_dec
     torch._foreach_add_(xs, dirs, alpha=-lr)
     if weight_decay and not decay_first:
         torch._foreach_mul_(xs, 1 - lr * weight_decay)
-    low = [(p, x) for p, x in zip(params, xs) if p is not x]
-    copy_all([p for p, _ in low], [x for _, x in low])
+    copy_back(params, xs)

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from ..approx.matfun import newton_schulz
 from ..errors import ArgumentError
-from ._base import (CurvkitOptimizer, all_finite, check_betas, check_number, check_positive_int, raise_non_finite,
-                    state_dtype)
+from ._base import (CurvkitOptimizer, all_finite, check_betas, check_number, check_positive_int, copy_back,
+                    raise_non_finite, state_dtype)
 
 SCALES = ("keller", "moonshot")
 
@@ -72,7 +72,7 @@ def apply_directions(params: list[Tensor], directions: list[tuple[list[int], Ten
         O = O.to(xs[idx[0]].dtype)
         torch._foreach_add_([xs[i] for i in idx], [O[j].reshape(xs[i].shape) for j, i in enumerate(idx)],
                             alpha=-lr * update_scale(O.shape[1], O.shape[2], scale))
-    _copy_back(params, xs)
+    copy_back(params, xs)
 
 
 def muon_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
@@ -109,13 +109,7 @@ def adamw_apply(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[
     torch._foreach_div_(denom, [(1 - beta2 ** t) ** 0.5 for t in steps])
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(xs, exp_avgs, denom, step_size)
-    _copy_back(params, xs)
-
-
-def _copy_back(params: list[Tensor], xs: list[Tensor]) -> None:
-    pairs = [(p, x) for p, x in zip(params, xs) if p is not x]
-    if pairs:
-        torch._foreach_copy_([p for p, _ in pairs], [x for _, x in pairs])
+    copy_back(params, xs)
 
 
 def split_model(model: nn.Module, adamw_params: Any = None) -> list[dict]:
