@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from .._timing import sync
 from . import step_cost as sc
 from .optimizers import SPECS, OptSpec, heavyball_mode, make_stepper, state_bytes
 from .workloads import WORKLOADS, Workload
@@ -49,11 +50,6 @@ from .workloads import WORKLOADS, Workload
 CURVKIT = ("adahessian", "sophia_h", "sophia_gnb")   # issue 6's goals
 KRON = ("shampoo", "soap", "kfac", "muon")              # issue 7's
 PEERS = {"soap": ("hb_soap",), "muon": ("hb_muon", "po_muon"), "shampoo": ("po_shampoo",)}
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_one(w: Workload, spec: OptSpec, lr: float, seed: int, device, steps: int, eval_every: int,
@@ -83,12 +79,12 @@ def run_one(w: Workload, spec: OptSpec, lr: float, seed: int, device, steps: int
     steps_to = time_to = None
     while i < steps:
         n = min(eval_every, steps - i)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         try:
             for j in range(i, i + n):
                 step(j)
-            _sync(device)
+            sync(device)
         except Exception as e:  # curvkit refuses a NaN step with a CurvkitError; record, stop
             train_s += time.perf_counter() - t0
             status = f"stopped at step {i}: {type(e).__name__}: {str(e)[:120]}"
@@ -124,7 +120,7 @@ def _warmup(w: Workload, spec: OptSpec, lr: float, device, data_dir, steps: int 
     for i in range(steps):
         step(i)
     task.evaluate()
-    _sync(device)
+    sync(device)
 
 
 def _med(xs):

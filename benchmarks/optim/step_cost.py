@@ -19,16 +19,12 @@ import time
 
 import torch
 
+from .._timing import sync, timeit
 from .optimizers import SPECS, make_stepper
 from .workloads import WORKLOADS
 
 
 COST_LR = 1e-6
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def variants(opt_names, workload):
@@ -69,11 +65,11 @@ def step_costs(workload_names, opt_names, device, steps: int = 50, warmup: int =
                 try:
                     for i in range(warmup):
                         step(i)
-                    _sync(device)
+                    sync(device)
                     t0 = time.perf_counter()
                     for i in range(warmup, warmup + steps):
                         step(i)
-                    _sync(device)
+                    sync(device)
                 except Exception as e:  # recorded as no figure, the other variants still timed
                     log(f"step cost  {wname:13s} {label:28s} failed: {type(e).__name__}: {str(e)[:100]}")
                     times[label].append(float("nan"))
@@ -85,20 +81,6 @@ def step_costs(workload_names, opt_names, device, steps: int = 50, warmup: int =
         for label, r in out[wname].items():
             log(f"step cost  {wname:13s} {label:28s} {r['ms']:8.2f} ms  {r['ratio_to_adamw']:5.2f} x AdamW")
     return out
-
-
-def _timed(fn, device, repeats: int = 20) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after 3 untimed ones."""
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def matfun_costs(workload_names, device, refresh: int = 10, data_dir=None, log=print) -> dict:
@@ -121,12 +103,12 @@ def matfun_costs(workload_names, device, refresh: int = 10, data_dir=None, log=p
             if p.dim() >= 2:
                 g = p.detach().reshape(p.shape[0], -1)
                 factors += [g @ g.T, g.T @ g]
-        ns = _timed(lambda: [newton_schulz(m) for m in mats], device)
-        eig = _timed(lambda: [sym_eigh(f) for f in factors], device)
+        ns = timeit(lambda: [newton_schulz(m) for m in mats], device, repeats=20, warmup=3)
+        eig = timeit(lambda: [sym_eigh(f) for f in factors], device, repeats=20, warmup=3)
         opt = SPECS["adamw"].make(task.model, 1e-3)
         step = make_stepper(SPECS["adamw"], opt, task)
         it = iter(range(10**9))
-        adamw = _timed(lambda: step(next(it)), device)
+        adamw = timeit(lambda: step(next(it)), device, repeats=20, warmup=3)
         out[wname] = {"adamw_ms": round(adamw * 1e3, 3), "ns_ms": round(ns * 1e3, 3),
                       "ns_matrices": len(mats), "eigh_ms_per_refresh": round(eig * 1e3, 3),
                       "eigh_factors": len(factors), "max_factor": max((f.shape[0] for f in factors), default=0),
