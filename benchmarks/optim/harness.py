@@ -49,7 +49,7 @@ from .workloads import WORKLOADS, Workload
 
 CURVKIT = ("adahessian", "sophia_h", "sophia_gnb")   # issue 6's goals
 KRON = ("shampoo", "soap", "kfac", "muon")              # issue 7's
-PEERS = {"soap": ("hb_soap",), "muon": ("hb_muon", "po_muon"), "shampoo": ("po_shampoo",)}
+PEERS = {"soap": ("hb_soap",), "muon": ("hb_muon", "po_muon"), "shampoo": ("po_shampoo", "po_scalable_shampoo")}
 
 
 def run_one(w: Workload, spec: OptSpec, lr: float, seed: int, device, steps: int, eval_every: int,

@@ -171,6 +171,18 @@ def _po_shampoo(model, lr, refresh, seed):
     return Shampoo(model.parameters(), lr=lr, preconditioning_compute_steps=refresh, weight_decay=0.0)
 
 
+def _po_scalable_shampoo(model, lr, refresh, seed):
+    """pytorch-optimizer's ScalableShampoo at curvkit Shampoo's settings: EMA factors (beta2
+    0.999), momentum 0.9, blocks of 1024, roots every ``refresh`` steps from step ``refresh``,
+    grafted to RMSProp's norm (its closest to Adam grafting)."""
+    from pytorch_optimizer import ScalableShampoo
+    from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
+
+    return ScalableShampoo(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0,
+                           start_preconditioning_step=refresh, preconditioning_compute_steps=refresh,
+                           block_size=1024, graft_type=LayerWiseGrafting.RMSPROP, nesterov=False)
+
+
 def _lion(model, lr, refresh, seed):
     try:
         from lion_pytorch import Lion  # lucidrains' reference implementation
@@ -226,6 +238,9 @@ SPECS: dict[str, OptSpec] = {s.name: s for s in [
             note="heavyball Muon + AdamW (SplitOpt), curvkit's split (peer)"),
     OptSpec("po_shampoo", [3e-4, 1e-3, 3e-3, 1e-2], _po_shampoo, "torch", refreshes=(10,), default_refresh=10,
             package="pytorch_optimizer", note="pytorch-optimizer (peer)"),
+    OptSpec("po_scalable_shampoo", [3e-4, 1e-3, 3e-3, 1e-2], _po_scalable_shampoo, "torch", refreshes=(10,),
+            default_refresh=10, package="pytorch_optimizer",
+            note="pytorch-optimizer ScalableShampoo at curvkit Shampoo's settings (peer)"),
     OptSpec("po_muon", [3e-3, 1e-2, 3e-2, 1e-1], _po_muon, "torch", package="pytorch_optimizer",
             note="pytorch-optimizer, curvkit's split (peer)"),
 ]}

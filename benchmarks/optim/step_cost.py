@@ -14,8 +14,11 @@ AdaHessian/Sophia with the diagonal refreshed every 10 steps cost ≤ 1.3× an A
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import time
+from unittest import mock
 
 import torch
 
@@ -27,8 +30,29 @@ from .workloads import WORKLOADS
 COST_LR = 1e-6
 
 
-def variants(opt_names, workload):
-    """``(label, spec, refresh)`` for every importable optimizer that applies to ``workload``."""
+_CHECKED = ("curvkit.optim._diag", "curvkit.optim._kron", "curvkit.optim.muon", "curvkit.optim.kfac")
+NO_READ = " [check not read]"
+
+
+@contextlib.contextmanager
+def finiteness_not_read():
+    """Ablation: curvkit's finiteness check still runs on the device but its flag is never read
+    back, so the step has no host sync. Measures what the sync costs; unsafe outside a benchmark."""
+    from curvkit.optim._base import non_finite_flag
+
+    def launched_not_read(tensors):
+        non_finite_flag(tensors)
+        return True
+
+    with contextlib.ExitStack() as stack:
+        for mod in _CHECKED:
+            stack.enter_context(mock.patch(f"{mod}.all_finite", launched_not_read))
+        yield
+
+
+def variants(opt_names, workload, ablate_sync: bool = False):
+    """``(label, spec, refresh)`` for every importable optimizer that applies to ``workload``; with
+    ``ablate_sync`` each curvkit variant again with the finiteness flag not read (label + NO_READ)."""
     out = []
     for name in opt_names:
         spec = SPECS[name]
@@ -40,11 +64,13 @@ def variants(opt_names, workload):
                 out.append((f"{name} (refresh {r})", spec, r))
         else:
             out.append((name, spec, None))
+    if ablate_sync:
+        out += [(label + NO_READ, spec, r) for label, spec, r in list(out) if spec.package == "curvkit.optim"]
     return out
 
 
 def step_costs(workload_names, opt_names, device, steps: int = 50, warmup: int = 3, repeats: int = 3,
-               data_dir=None, log=print) -> dict:
+               data_dir=None, log=print, ablate_sync: bool = False) -> dict:
     """``{workload: {variant: {"ms": ..., "ratio_to_adamw": ...}}}``; costs ``repeats * (warmup +
     steps)`` optimizer steps per variant."""
     steps = max(10, 10 * round(steps / 10))
@@ -52,7 +78,7 @@ def step_costs(workload_names, opt_names, device, steps: int = 50, warmup: int =
     out = {}
     for wname in workload_names:
         w = WORKLOADS[wname]
-        vs = variants(opt_names, w)
+        vs = variants(opt_names, w, ablate_sync)
         times = {label: [] for label, _, _ in vs}
         for _ in range(repeats):
             for label, spec, refresh in vs:
@@ -62,14 +88,16 @@ def step_costs(workload_names, opt_names, device, steps: int = 50, warmup: int =
                 if spec.schedule_free:
                     opt.train()
                 step = make_stepper(spec, opt, task)
+                ablation = finiteness_not_read() if label.endswith(NO_READ) else contextlib.nullcontext()
                 try:
-                    for i in range(warmup):
-                        step(i)
-                    sync(device)
-                    t0 = time.perf_counter()
-                    for i in range(warmup, warmup + steps):
-                        step(i)
-                    sync(device)
+                    with ablation:
+                        for i in range(warmup):
+                            step(i)
+                        sync(device)
+                        t0 = time.perf_counter()
+                        for i in range(warmup, warmup + steps):
+                            step(i)
+                        sync(device)
                 except Exception as e:  # recorded as no figure, the other variants still timed
                     log(f"step cost  {wname:13s} {label:28s} failed: {type(e).__name__}: {str(e)[:100]}")
                     times[label].append(float("nan"))
@@ -147,9 +175,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--ablate-sync", action="store_true",
+                    help="also time each curvkit variant with its finiteness flag not read back (no host sync)")
+    ap.add_argument("--json", default=None, help="also write the costs to this file")
     args = ap.parse_args()
-    print(markdown(step_costs(args.workloads, args.optimizers, args.device, args.steps, repeats=args.repeats,
-                              data_dir=args.data_dir)))
+    costs = step_costs(args.workloads, args.optimizers, args.device, args.steps, repeats=args.repeats,
+                       data_dir=args.data_dir, ablate_sync=args.ablate_sync)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(costs, f, indent=1)
+    print(markdown(costs))
 
 
 if __name__ == "__main__":

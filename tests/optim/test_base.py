@@ -14,9 +14,40 @@ from ._problems import class_batches, classifier
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_all_finite_does_not_overflow_on_large_finite_tensors(dtype):
     big = torch.ones(90_000, dtype=dtype)  # its L1 norm, 9e4, is past float16's 65504
-    assert bool(all_finite([big, torch.zeros(3)]))
-    assert not bool(all_finite([big, torch.tensor([1.0, float("nan")], dtype=dtype)]))
-    assert not bool(all_finite([torch.tensor([float("inf")], dtype=dtype)]))
+    assert all_finite([big, torch.zeros(3)])
+    assert not all_finite([big, torch.tensor([1.0, float("nan")], dtype=dtype)])
+    assert not all_finite([torch.tensor([float("inf")], dtype=dtype)])
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_finite_leaves_values_bit_identical_and_sees_every_tensor(device):
+    g = torch.Generator().manual_seed(0)
+    # mixed dtypes, a 0-d loss, a transposed view, a subnormal, signed zeros, huge finite values
+    ts = [torch.randn(5, 7, generator=g).T, torch.tensor(2.5, dtype=torch.float64),
+          torch.tensor([1e-40, -0.0, 3e38, -3e38]), torch.randn(9, generator=g).bfloat16(),
+          torch.randn(4, generator=g).half(), torch.empty(0)]
+    ts = [t.to(device) for t in ts]
+    before = [t.clone() for t in ts]
+    assert all_finite(ts)
+    bits = [t.reshape(-1).contiguous().view(torch.uint8) for t in ts]
+    assert all(torch.equal(a, b.reshape(-1).contiguous().view(torch.uint8)) for a, b in zip(bits, before))
+    for i in range(5):  # a NaN or inf in any one of them is seen
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            broken = list(ts)
+            broken[i] = ts[i].clone()
+            broken[i][(0,) * ts[i].dim()] = bad
+            assert not all_finite(broken)
+
+
+def test_all_finite_accepts_expanded_gradients_and_leaves_graphs_alone():
+    x = torch.randn(3, requires_grad=True)
+    (g,) = torch.autograd.grad(x.sum(), x, create_graph=True)  # an expanded tensor in a graph
+    assert all_finite([g]) and not all_finite([g, torch.tensor([float("nan")])])
+    (h,) = torch.autograd.grad((g * x).sum(), x)  # the graph through g still differentiates
+    assert torch.equal(h, torch.ones(3))
 
 
 def test_fp16_kfac_takes_a_finite_step():

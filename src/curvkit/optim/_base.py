@@ -62,35 +62,56 @@ def copy_back(params: list[Tensor], xs: list[Tensor]) -> None:
         torch._foreach_copy_([p for p, _ in pairs], [x for _, x in pairs])
 
 
-def all_finite(tensors: list[Tensor]) -> Tensor:
-    """A 0-d bool tensor: every entry of every tensor is finite, with no host sync.
+_ONES: dict = {}  # a 1-element 1.0 per device: the "scale" of the fused check, made once
 
-    One ``torch._foreach_norm`` (L1) per dtype and device, so a few kernels for any number of
-    tensors (a per-tensor ``isfinite().all()`` costs two launches each). L1 rather than max-abs:
-    a sum carries NaN/inf on every backend, where a max kernel may drop NaN; it could only
-    overflow for entries summing past float32's range (about 3e38; half types are summed in float32).
-    """
+
+def non_finite_flag(tensors: list[Tensor]) -> Tensor | None:
+    """A 1-element float tensor, nonzero iff some entry of some tensor is NaN/inf; no host read
+    (``None`` for no entries). See :func:`all_finite`."""
     groups: dict = {}
     for t in tensors:
         if t.numel():
-            groups.setdefault((t.dtype, t.device), []).append(t)
+            t = t.detach()
+            if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+                t = t.contiguous()  # an expanded gradient: the kernel writes, so no shared entries
+            groups.setdefault((t.device, t.dtype), []).append(t)
     if not groups:
-        return torch.tensor(True)
-    # float16 sums overflow at 65504: accumulate half types in float32
-    flags = [torch.stack(torch._foreach_norm(ts, 1, dtype=torch.float32 if dt in (torch.float16, torch.bfloat16) else None))
-             .isfinite().all() for (dt, _), ts in groups.items()]
-    dev = flags[0].device
-    return torch.stack([f.to(dev) for f in flags]).all() if len(flags) > 1 else flags[0]
+        return None
+    found: dict = {}
+    with torch.no_grad():
+        for (dev, _), ts in groups.items():
+            if dev not in found:
+                found[dev] = torch.zeros(1, device=dev)
+                if dev not in _ONES:
+                    _ONES[dev] = torch.ones(1, device=dev)
+            torch._amp_foreach_non_finite_check_and_unscale_(ts, found[dev], _ONES[dev])
+    flags = list(found.values())
+    return flags[0] if len(flags) == 1 else sum(f.cpu() for f in flags)
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite. ONE host read (the step's one sync).
+
+    One fused multi-tensor kernel per dtype and device, all setting one flag per device: torch's
+    AMP inf/NaN check (``_amp_foreach_non_finite_check_and_unscale_``, the kernel GradScaler
+    uses) with scale 1, which rewrites each value unchanged. It tests entries one by one in
+    float32 or wider, so no sum can overflow and fp16/bf16 need no special case; a per-tensor
+    ``isfinite().all()`` would launch two kernels per tensor, and foreach norms plus their
+    reductions about six per dtype, which is what sets the step's cost on launch-bound models.
+    """
+    flag = non_finite_flag(tensors)
+    return flag is None or not bool(flag)
 
 
 def raise_non_finite(what: str, loss: Tensor | None = None, grads: list[Tensor] | None = None) -> None:
     """Say which of the loss, the gradient or ``what`` (the curvature estimate) is not finite."""
-    if loss is not None and not torch.isfinite(torch.as_tensor(loss)).all():
+    loss = None if loss is None else torch.as_tensor(loss).detach()
+    if loss is not None and not torch.isfinite(loss).all():
         raise NonFiniteError(
             f"the loss is {float(loss)}; the parameters were not changed. Check the batch "
             "and lower the learning rate that led here"
         )
-    if grads and not bool(all_finite(grads)):
+    if grads and not all_finite(grads):
         raise NonFiniteError("the gradient has NaN/inf entries; the parameters were not changed")
     raise NonFiniteError(f"{what} has NaN/inf entries; the parameters were not changed")
 

@@ -204,11 +204,11 @@ class DiagonalOptimizer(CurvkitOptimizer):
                         "freeze them (p.requires_grad_(False)) or leave them out of the optimizer"
                     )
                 diags = None
-                if refresh and bool(all_finite([loss, *grads])):  # no curvature of a NaN gradient
+                if refresh and all_finite([loss, *grads]):  # no curvature of a NaN gradient
                     diags = (hutchinson_diagonal(grads, params, self._gen) if hutch
                              else gnb_diagonal(logits, params, self._gen))
                 # one host read per step: a check per tensor would stall the GPU once per parameter
-                if not bool(all_finite([loss, *grads, *(diags or [])])) or (refresh and diags is None):
+                if not all_finite([loss, *grads, *(diags or [])]) or (refresh and diags is None):
                     raise_non_finite("the curvature estimate", loss, grads)
         except BaseException:
             self._gen.set_state(gen_state)  # a failed step leaves the random stream where it was

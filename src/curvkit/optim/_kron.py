@@ -121,7 +121,7 @@ class KronOptimizer(CurvkitOptimizer):
             plans = [self._prepare(group) for group in self.param_groups]
         except NonFiniteError:  # an eigh/root of a non-finite factor refused it
             raise_non_finite(self._what, loss, grads)
-        if not bool(all_finite([t for plan in plans for t in plan[0]])):
+        if not all_finite([t for plan in plans for t in plan[0]]):
             raise_non_finite(self._what, loss, grads)
         for _, commit in plans:
             commit()

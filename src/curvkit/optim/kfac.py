@@ -214,7 +214,7 @@ class KFAC(CurvkitOptimizer):
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         grads = [p.grad for p in params]
-        if not bool(all_finite(grads + [t for pair in new.values() for t in pair])):  # one host sync
+        if not all_finite(grads + [t for pair in new.values() for t in pair]):  # one host sync
             raise_non_finite("a K-FAC factor", grads=grads)
         invert = self._step % self.inverse_update_each == 0
         for i, (A, G) in new.items():
