@@ -38,8 +38,9 @@ from .workloads import WORKLOADS
 def plan(workloads, optimizers, seeds, n_lrs=None, log=print):
     """The runs as (seed, lr index, workload, optimizer, lr), in queue order."""
     jobs = []
+    longest = max((len(SPECS[name].lrs) for name in optimizers), default=0)
     for seed in seeds:
-        for k in range(5):
+        for k in range(longest):
             for wname in workloads:
                 w = WORKLOADS[wname]
                 for name in optimizers:

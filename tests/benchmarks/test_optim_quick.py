@@ -71,3 +71,15 @@ def test_quick_mode_runs_every_workload(tmp_path, one_thread):
         assert wres["summary"].keys() == saved["workloads"][wname]["summary"].keys()
     assert (tmp_path / "merged" / "results.md").read_text().count("**") >= 2 * len(WORKLOADS)
     shutil.rmtree(tmp_path / "merged")
+
+
+def test_pool_plans_every_rate_of_every_grid():
+    from benchmarks.optim.pool import plan
+
+    names = ["adamw", "kfac", "adahessian"]
+    jobs = plan(["mnist_cnn"], names, range(2), log=lambda *a: None)
+    for name in names:  # K-FAC's grid is longer than the others': none of its rates may be dropped
+        got = sorted(lr for (seed, _, w, n, lr) in jobs if n == name and seed == 0)
+        assert got == sorted(SPECS[name].lrs)
+    central = plan(["mnist_cnn"], ["kfac"], range(1), n_lrs=2, log=lambda *a: None)
+    assert sorted(j[-1] for j in central) == SPECS["kfac"].lrs[3:5]  # the central 2 of 7

@@ -66,8 +66,8 @@ _ONES: dict = {}  # a 1-element 1.0 per device: the "scale" of the fused check, 
 
 
 def non_finite_flag(tensors: list[Tensor]) -> Tensor | None:
-    """A 1-element float tensor, nonzero iff some entry of some tensor is NaN/inf; no host read
-    (``None`` for no entries). See :func:`all_finite`."""
+    """A 1-element float tensor, nonzero (or NaN) iff some entry of some tensor is NaN/inf; no
+    host read (``None`` for no entries). See :func:`all_finite`."""
     groups: dict = {}
     for t in tensors:
         if t.numel():
@@ -79,12 +79,16 @@ def non_finite_flag(tensors: list[Tensor]) -> Tensor | None:
         return None
     found: dict = {}
     with torch.no_grad():
-        for (dev, _), ts in groups.items():
+        for (dev, dt), ts in groups.items():
             if dev not in found:
                 found[dev] = torch.zeros(1, device=dev)
                 if dev not in _ONES:
                     _ONES[dev] = torch.ones(1, device=dev)
-            torch._amp_foreach_non_finite_check_and_unscale_(ts, found[dev], _ONES[dev])
+            if dt == torch.bfloat16 and dev.type == "cuda":  # the AMP kernel has no bf16 on CUDA:
+                # an L1 sum in float32 carries any NaN/inf; times alpha=0 it adds 0 or NaN to the flag
+                found[dev].add_(torch.stack(torch._foreach_norm(ts, 1, dtype=torch.float32)).sum(), alpha=0)
+            else:
+                torch._amp_foreach_non_finite_check_and_unscale_(ts, found[dev], _ONES[dev])
     flags = list(found.values())
     return flags[0] if len(flags) == 1 else sum(f.cpu() for f in flags)
 
@@ -95,7 +99,8 @@ def all_finite(tensors: list[Tensor]) -> bool:
     One fused multi-tensor kernel per dtype and device, all setting one flag per device: torch's
     AMP inf/NaN check (``_amp_foreach_non_finite_check_and_unscale_``, the kernel GradScaler
     uses) with scale 1, which rewrites each value unchanged. It tests entries one by one in
-    float32 or wider, so no sum can overflow and fp16/bf16 need no special case; a per-tensor
+    float32 or wider, so no sum can overflow. bf16 on CUDA, which that kernel lacks, takes a
+    foreach L1 norm in float32 instead (a false alarm only for sums past 3e38). A per-tensor
     ``isfinite().all()`` would launch two kernels per tensor, and foreach norms plus their
     reductions about six per dtype, which is what sets the step's cost on launch-bound models.
     """
