@@ -42,6 +42,13 @@ def test_all_finite_leaves_values_bit_identical_and_sees_every_tensor(device):
             assert not all_finite(broken)
 
 
+def test_all_finite_sees_complex_entries():
+    z = torch.randn(4, dtype=torch.complex64)
+    assert all_finite([z])
+    z[2] = complex(1.0, float("nan"))
+    assert not all_finite([z])
+
+
 def test_all_finite_accepts_expanded_gradients_and_leaves_graphs_alone():
     x = torch.randn(3, requires_grad=True)
     (g,) = torch.autograd.grad(x.sum(), x, create_graph=True)  # an expanded tensor in a graph

@@ -72,6 +72,8 @@ def non_finite_flag(tensors: list[Tensor]) -> Tensor | None:
     for t in tensors:
         if t.numel():
             t = t.detach()
+            if t.is_complex():
+                t = torch.view_as_real(t)  # a view: real and imaginary parts as floats
             if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
                 t = t.contiguous()  # an expanded gradient: the kernel writes, so no shared entries
             groups.setdefault((t.device, t.dtype), []).append(t)
