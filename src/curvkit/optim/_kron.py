@@ -79,15 +79,110 @@ def copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
         torch._foreach_copy_(dst, src)
 
 
+# --- one group's step: matrix blocks bucketed for batched calls, new state staged ----------
+# A bucket is a list of ``(i, j, blk)``: block ``j`` (slices ``blk`` of the matrix view) of
+# parameter ``i``; all blocks of a bucket share shape, phase, dtype and device.
+
+def matrix_blocks(params: list[Tensor], grads: list[Tensor], block_size: int,
+                  phase: Callable[[int], Hashable]) -> tuple[dict, dict]:
+    """``(bufs, buckets)``: ``bufs[i]``, for each matrix parameter, a buffer that gathers its
+    blocks' directions when it has several blocks (``None`` with one); ``buckets``, the blocks
+    grouped by ``(block shape, phase(i), dtype, device)``, in first-seen order."""
+    entries, bufs = [], {}
+    for i, p in enumerate(params):
+        if (mn := matrix_shape(p.shape)) is not None:
+            blocks = block_slices(*mn, block_size)
+            entries += [(i, j, blk) for j, blk in enumerate(blocks)]
+            bufs[i] = torch.empty(mn, dtype=grads[i].dtype, device=grads[i].device) if len(blocks) > 1 else None
+    key = lambda e: (block_shape(e[2]), phase(e[0]), grads[e[0]].dtype, grads[e[0]].device)  # noqa: E731
+    return bufs, group_by(entries, key)
+
+
+def block_views(xs: list[Tensor], bucket: list) -> list[Tensor]:
+    """The bucket's blocks of ``xs[i]`` seen as matrices (views of contiguous tensors, so a
+    copy into one writes ``xs[i]``)."""
+    return [xs[i].reshape(matrix_shape(xs[i].shape))[blk] for i, _, blk in bucket]
+
+
+def state_blocks(states: list[dict], bucket: list, name: str) -> list[Tensor]:
+    """The per-block state entries ``name{j}`` of the bucket's blocks."""
+    return [states[i][f"{name}{j}"] for i, j, _ in bucket]
+
+
+def scatter(D: Tensor, bucket: list, params: list[Tensor], bufs: dict, dirs: dict) -> None:
+    """``dirs[i]`` = parameter ``i``'s direction from the stacked block directions ``D``: a view
+    of ``D`` for a one-block parameter, else its buffer with this bucket's blocks copied in."""
+    for k, (i, _, blk) in enumerate(bucket):
+        if bufs[i] is None:
+            dirs[i] = D[k].view(params[i].shape)
+        else:
+            bufs[i][blk].copy_(D[k])
+            dirs[i] = bufs[i].view(params[i].shape)
+
+
+class Staged:
+    """One group's step computed out of place. Nothing is written until :meth:`commit`, which
+    the optimizer calls only after one finiteness check over :attr:`check` (every new value)."""
+
+    def __init__(self, lr: float, weight_decay: float, decay_first: bool = True) -> None:
+        self.check: list[Tensor] = []
+        self._dst: list[Tensor] = []
+        self._src: list[Tensor] = []
+        self._slots: list[tuple[dict, str, Tensor]] = []
+        self._steps: list[tuple[dict, int]] = []
+        self._update: tuple[list[Tensor], list[Tensor]] = ([], [])
+        self._hyper = (lr, weight_decay, decay_first)
+
+    def replace(self, old: list[Tensor], new: list[Tensor]) -> None:
+        """Existing state tensors ``old[k]`` get the values ``new[k]``."""
+        self._dst += old
+        self._src += new
+        self.check += new
+
+    def put(self, states: list[dict], bucket: list, name: str, X: Tensor) -> None:
+        """State entries ``name{j}`` of the bucket's blocks get ``X[k]`` (made if missing)."""
+        for k, (i, j, _) in enumerate(bucket):
+            self._slots.append((states[i], f"{name}{j}", X[k]))
+        self.check.append(X)
+
+    def count(self, state: dict, t: int) -> None:
+        """``state["step"] = t``."""
+        self._steps.append((state, t))
+
+    def ema_factors(self, states: list[dict], bucket: list, G: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+        """New factors ``L``, ``R`` of the bucket's blocks (:func:`factor_ema` of the stacked
+        gradient blocks ``G``), staged into their state entries and returned stacked."""
+        L, R = factor_ema(stack(state_blocks(states, bucket, "L")), stack(state_blocks(states, bucket, "R")), G, beta)
+        self.replace(state_blocks(states, bucket, "L") + state_blocks(states, bucket, "R"),
+                     [*L.unbind(0), *R.unbind(0)])
+        return L, R
+
+    def update(self, params: list[Tensor], dirs: dict) -> None:
+        """Parameter ``i`` moves along ``dirs[i]`` (see :func:`apply_update`)."""
+        self._update = ([params[i] for i in dirs], list(dirs.values()))
+        self.check += self._update[1]
+
+    def commit(self) -> None:
+        for st, k, x in self._slots:
+            if k not in st:
+                st[k] = torch.empty_like(x)
+        copy_all(self._dst + [st[k] for st, k, _ in self._slots], self._src + [x for _, _, x in self._slots])
+        for st, t in self._steps:
+            st["step"] = t
+        if self._update[0]:
+            lr, wd, decay_first = self._hyper
+            apply_update(*self._update, lr, wd, decay_first=decay_first)
+
+
 class KronOptimizer(CurvkitOptimizer):
     """The step Shampoo and SOAP share: every group's new state computed out of place by
-    ``_prepare(group) -> (new tensors, commit)``, ONE finiteness check over all of it (the only
-    host sync of an ordinary step), then the commits. A NaN/inf gradient, factor, root or
-    eigenbasis raises ``NonFiniteError`` with parameters and state untouched."""
+    ``_prepare(group) -> Staged``, ONE finiteness check over all of it (the only host sync of an
+    ordinary step), then the commits. A NaN/inf gradient, factor, root or eigenbasis raises
+    ``NonFiniteError`` with parameters and state untouched."""
 
     _what = "a Kronecker factor or update"
 
-    def _prepare(self, group: dict) -> tuple[list[Tensor], Callable[[], None]]:
+    def _prepare(self, group: dict) -> Staged:
         raise NotImplementedError
 
     def _init_state(self, params: list[Tensor], block_size: int) -> None:
@@ -121,10 +216,10 @@ class KronOptimizer(CurvkitOptimizer):
             plans = [self._prepare(group) for group in self.param_groups]
         except NonFiniteError:  # an eigh/root of a non-finite factor refused it
             raise_non_finite(self._what, loss, grads)
-        if not all_finite([t for plan in plans for t in plan[0]]):
+        if not all_finite([t for plan in plans for t in plan.check]):
             raise_non_finite(self._what, loss, grads)
-        for _, commit in plans:
-            commit()
+        for plan in plans:
+            plan.commit()
         return loss
 
 

@@ -7,13 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from ..approx.matfun import inverse_root
 from ..errors import ArgumentError
 from ._base import check_betas, check_number, check_positive_int, state_dtype
-from ._kron import (KronOptimizer, apply_update, block_shape, block_slices, copy_all, factor_ema, group_by,
-                    matrix_shape, stack)
+from ._kron import KronOptimizer, Staged, block_views, matrix_blocks, scatter, stack, state_blocks
 
 
 class Shampoo(KronOptimizer):
@@ -98,80 +96,48 @@ class Shampoo(KronOptimizer):
     def _extra_state(self) -> dict:
         return {"version": 1}
 
-    def _prepare(self, group: dict) -> tuple[list[Tensor], Any]:
-        """Everything new of one group, out of place: (tensors to check, commit function)."""
+    def _prepare(self, group: dict) -> Staged:
+        """Everything new of one group, out of place (written by ``Staged.commit``)."""
         params = [p for p in group["params"] if p.grad is not None]
         b1, b2 = group["betas"]
         bs, start, every = group["block_size"], group["start_preconditioning_step"], group["update_each"]
         self._init_state(params, bs)
+        new = Staged(group["lr"], group["weight_decay"])
         if not params:
-            return [], lambda: None
+            return new
         states = [self.state[p] for p in params]
         ts = [st["step"] + 1 for st in states]
         g = [p.grad.to(state_dtype(p)) for p in params]
         m_old, v_old = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
         m_new = torch._foreach_lerp(m_old, g, 1 - b1)
         v_new = torch._foreach_lerp(v_old, torch._foreach_mul(g, g), 1 - b2)
+        new.replace([*m_old, *v_old], [*m_new, *v_new])
         denom = torch._foreach_sqrt(torch._foreach_div(v_new, [1 - b2**t for t in ts]))
         torch._foreach_add_(denom, group["graft_eps"])
         adam = torch._foreach_div(torch._foreach_div(m_new, [1 - b1**t for t in ts]), denom)
-        dirs = list(adam)
+        dirs = dict(enumerate(adam))  # matrix blocks replace theirs once they have roots
 
-        # matrix blocks, bucketed by (shape, step, dtype, device)
-        entries = []
-        for i, p in enumerate(params):
-            if (mn := matrix_shape(p.shape)) is not None:
-                entries += [(i, j, blk) for j, blk in enumerate(block_slices(*mn, bs))]
-        check, dst, src = [*m_new, *v_new], [*m_old, *v_old], [*m_new, *v_new]
-        slots = []  # (state, key, new value): roots, whose slots may not exist yet
-        mats = {}  # i -> (grad, momentum, adam, direction) as matrices
-        for i, j, blk in entries:
-            if i not in mats:
-                mn = matrix_shape(params[i].shape)
-                d = torch.empty(mn, dtype=g[i].dtype, device=g[i].device) if len(block_slices(*mn, bs)) > 1 else None
-                mats[i] = (g[i].reshape(mn), m_new[i].view(mn), adam[i].view(mn), d)
-        key = lambda e: (block_shape(e[2]), ts[e[0]], g[e[0]].dtype, g[e[0]].device)  # noqa: E731
-        for (_, t, _, _), bucket in group_by(entries, key).items():
-            G = stack([mats[i][0][blk] for i, _, blk in bucket])
-            L, R = factor_ema(stack([states[i][f"L{j}"] for i, j, _ in bucket]),
-                              stack([states[i][f"R{j}"] for i, j, _ in bucket]), G, b2)
-            check += [L, R]
-            dst += [states[i][f"{f}{j}"] for f in "LR" for i, j, _ in bucket]
-            src += [*L.unbind(0), *R.unbind(0)]
+        bufs, buckets = matrix_blocks(params, g, bs, phase=lambda i: ts[i])
+        for (_, t, _, _), bucket in buckets.items():
+            L, R = new.ema_factors(states, bucket, stack(block_views(g, bucket)), b2)
             if t < start:
                 continue
             if (t - start) % every == 0 or any(f"Lroot{j}" not in states[i] for i, j, _ in bucket):
                 c = 1 - b2**t
                 Lr, Rr = (inverse_root(F / c, 4, group["epsilon"], group["root_method"]).to(F.dtype) for F in (L, R))
-                check += [Lr, Rr]
-                slots += [(states[i], f"{f}{j}", X[k]) for f, X in (("Lroot", Lr), ("Rroot", Rr))
-                          for k, (i, j, _) in enumerate(bucket)]
+                new.put(states, bucket, "Lroot", Lr)
+                new.put(states, bucket, "Rroot", Rr)
             else:
-                Lr = stack([states[i][f"Lroot{j}"] for i, j, _ in bucket])
-                Rr = stack([states[i][f"Rroot{j}"] for i, j, _ in bucket])
-            D = torch.bmm(torch.bmm(Lr, stack([mats[i][1][blk] for i, _, blk in bucket])), Rr)
+                Lr, Rr = stack(state_blocks(states, bucket, "Lroot")), stack(state_blocks(states, bucket, "Rroot"))
+            D = torch.bmm(torch.bmm(Lr, stack(block_views(m_new, bucket))), Rr)
             if group["graft"] == "adam":
-                A = stack([mats[i][2][blk] for i, _, blk in bucket])
-                na = torch.linalg.vector_norm(A, dim=(-2, -1), keepdim=True)
+                na = torch.linalg.vector_norm(stack(block_views(adam, bucket)), dim=(-2, -1), keepdim=True)
                 nd = torch.linalg.vector_norm(D, dim=(-2, -1), keepdim=True)
                 D = D * (na / nd.clamp_min(torch.finfo(D.dtype).tiny))
             elif b1:
                 D = D / (1 - b1**t)  # the bias-corrected momentum
-            for k, (i, _, blk) in enumerate(bucket):
-                if mats[i][3] is None:
-                    dirs[i] = D[k].view(params[i].shape)
-                else:
-                    mats[i][3][blk].copy_(D[k])
-                    dirs[i] = mats[i][3].view(params[i].shape)
-        check += dirs
-
-        def commit() -> None:
-            for st, k, x in slots:
-                if k not in st:
-                    st[k] = torch.empty_like(x)
-            copy_all(dst + [st[k] for st, k, _ in slots], src + [x for _, _, x in slots])
-            for st, t in zip(states, ts):
-                st["step"] = t
-            apply_update(params, dirs, group["lr"], group["weight_decay"])
-
-        return check, commit
+            scatter(D, bucket, params, bufs, dirs)
+        for st, t in zip(states, ts):
+            new.count(st, t)
+        new.update(params, dirs)
+        return new

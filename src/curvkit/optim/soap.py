@@ -11,8 +11,7 @@ from torch import Tensor
 from ..approx.matfun import sym_eigh
 from ..errors import ArgumentError
 from ._base import check_betas, check_number, check_positive_int, state_dtype
-from ._kron import (KronOptimizer, apply_update, block_shape, block_slices, copy_all, factor_ema, group_by,
-                    matrix_shape, stack)
+from ._kron import KronOptimizer, Staged, block_views, matrix_blocks, matrix_shape, scatter, stack, state_blocks
 
 
 def _eigenbasis(F: Tensor) -> Tensor:
@@ -112,8 +111,8 @@ class SOAP(KronOptimizer):
     def _extra_state(self) -> dict:
         return {"version": 1}
 
-    def _prepare(self, group: dict) -> tuple[list[Tensor], Any]:
-        """Everything new of one group, out of place: (tensors to check, commit function)."""
+    def _prepare(self, group: dict) -> Staged:
+        """Everything new of one group, out of place (written by ``Staged.commit``)."""
         params = [p for p in group["params"] if p.grad is not None]
         b1, b2 = group["betas"]
         sb = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else b2
@@ -121,8 +120,9 @@ class SOAP(KronOptimizer):
         self._init_state(params, bs)
         states = [self.state[p] for p in params]
         g = [p.grad.to(state_dtype(p)) for p in params]
-        check, dst, src, slots = [], [], [], []  # slots: (state, key, value) for keys that may not exist
-        upd_params, dirs, steps = [], [], []
+        # the reference's order: the step, then decoupled weight decay on the result
+        new = Staged(group["lr"], group["weight_decay"], decay_first=False)
+        dirs: dict = {}
 
         # 1-D parameters: Adam, foreach over all of them
         vec = [i for i, p in enumerate(params) if matrix_shape(p.shape) is None]
@@ -132,45 +132,30 @@ class SOAP(KronOptimizer):
             gv = [g[i] for i in vec]
             m_new = torch._foreach_lerp(m_old, gv, 1 - b1)
             v_new = torch._foreach_lerp(v_old, torch._foreach_mul(gv, gv), 1 - b2)
+            new.replace([*m_old, *v_old], [*m_new, *v_new])
             denom = torch._foreach_add(torch._foreach_sqrt(v_new), eps)
             d = torch._foreach_mul(torch._foreach_div(m_new, denom), [(1 - b2**t) ** 0.5 / (1 - b1**t) for t in ts])
-            check += [*m_new, *v_new, *d]
-            dst += [*m_old, *v_old]
-            src += [*m_new, *v_new]
-            upd_params += [params[i] for i in vec]
-            dirs += d
-            steps += [(states[i], t) for i, t in zip(vec, ts)]
+            dirs.update(zip(vec, d))
+            for i, t in zip(vec, ts):
+                new.count(states[i], t)
 
-        # matrix blocks, bucketed by (shape, phase, dtype, device); phase: "init" or the step t
-        entries, mats = [], {}
-        for i, p in enumerate(params):
-            if (mn := matrix_shape(p.shape)) is not None:
-                blocks = block_slices(*mn, bs)
-                entries += [(i, j, blk) for j, blk in enumerate(blocks)]
-                st = states[i]
-                mats[i] = (g[i].reshape(mn), st["exp_avg"].view(mn), st["exp_avg_sq"].view(mn),
-                           torch.empty(mn, dtype=g[i].dtype, device=g[i].device) if len(blocks) > 1 else None)
+        # matrix blocks; phase "init" (first sight: factors and eigenbases only, no step) or the step t
         phase = lambda i: "init" if "QL0" not in states[i] else states[i]["step"] + 1  # noqa: E731
-        key = lambda e: (block_shape(e[2]), phase(e[0]), g[e[0]].dtype, g[e[0]].device)  # noqa: E731
-        new_dirs = {}
-        for (_, t, _, _), bucket in group_by(entries, key).items():
-            G = stack([mats[i][0][blk] for i, _, blk in bucket])
-            L, R = factor_ema(stack([states[i][f"L{j}"] for i, j, _ in bucket]),
-                              stack([states[i][f"R{j}"] for i, j, _ in bucket]), G, sb)
-            check += [L, R]
-            dst += [states[i][f"{f}{j}"] for f in "LR" for i, j, _ in bucket]
-            src += [*L.unbind(0), *R.unbind(0)]
+        bufs, buckets = matrix_blocks(params, g, bs, phase)
+        ea, sq = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        stepped = {}
+        for (_, t, _, _), bucket in buckets.items():
+            G = stack(block_views(g, bucket))
+            L, R = new.ema_factors(states, bucket, G, sb)
             if t == "init":
-                QL, QR = _eigenbasis(L), _eigenbasis(R)
-                check += [QL, QR]
-                slots += [(states[i], f"{f}{j}", X[k]) for f, X in (("QL", QL), ("QR", QR))
-                          for k, (i, j, _) in enumerate(bucket)]
+                new.put(states, bucket, "QL", _eigenbasis(L))
+                new.put(states, bucket, "QR", _eigenbasis(R))
                 continue
-            QL = stack([states[i][f"QL{j}"] for i, j, _ in bucket])
-            QR = stack([states[i][f"QR{j}"] for i, j, _ in bucket])
+            QL, QR = stack(state_blocks(states, bucket, "QL")), stack(state_blocks(states, bucket, "QR"))
             Gp = QL.transpose(-1, -2) @ G @ QR
-            m = torch.lerp(stack([mats[i][1][blk] for i, _, blk in bucket]), Gp, 1 - b1)
-            v = torch.lerp(stack([mats[i][2][blk] for i, _, blk in bucket]), Gp * Gp, 1 - b2)
+            m_old, v_old = block_views(ea, bucket), block_views(sq, bucket)
+            m = torch.lerp(stack(m_old), Gp, 1 - b1)
+            v = torch.lerp(stack(v_old), Gp * Gp, 1 - b2)
             D = QL @ (m / (v.sqrt() + eps)) @ QR.transpose(-1, -2)
             D = D * ((1 - b2**t) ** 0.5 / (1 - b1**t))
             if t % group["update_each"] == 0:
@@ -181,34 +166,13 @@ class SOAP(KronOptimizer):
                 else:
                     QL, QR = _eigenbasis(L), _eigenbasis(R)
                 m = QL.transpose(-1, -2) @ E @ QR
-                check += [QL, QR]
-                dst += [states[i][f"{f}{j}"] for f in ("QL", "QR") for i, j, _ in bucket]
-                src += [*QL.unbind(0), *QR.unbind(0)]
-            check += [m, v, D]
-            dst += [mats[i][c][blk] for c in (1, 2) for i, _, blk in bucket]
-            src += [*m.unbind(0), *v.unbind(0)]
-            for k, (i, _, blk) in enumerate(bucket):
-                new_dirs.setdefault(i, t)
-                if mats[i][3] is None:
-                    dirs.append(D[k].view(params[i].shape))
-                    upd_params.append(params[i])
-                else:
-                    mats[i][3][blk].copy_(D[k])
-        for i, t in new_dirs.items():
-            steps.append((states[i], t))
-            if mats[i][3] is not None:
-                dirs.append(mats[i][3].view(params[i].shape))
-                upd_params.append(params[i])
-
-        def commit() -> None:
-            for st, k, x in slots:
-                st[k] = torch.empty_like(x)
-            copy_all(dst + [st[k] for st, k, _ in slots], src + [x for _, _, x in slots])
-            for st, t in steps:
-                st["step"] = t
-            if upd_params:
-                # the reference's order: the step, then decoupled weight decay on the result
-                apply_update(upd_params, dirs, group["lr"], group["weight_decay"], decay_first=False)
-
-        return check, commit
+                new.replace(state_blocks(states, bucket, "QL") + state_blocks(states, bucket, "QR"),
+                            [*QL.unbind(0), *QR.unbind(0)])
+            new.replace(m_old + v_old, [*m.unbind(0), *v.unbind(0)])
+            scatter(D, bucket, params, bufs, dirs)
+            stepped.update((i, t) for i, _, _ in bucket)
+        for i, t in stepped.items():
+            new.count(states[i], t)
+        new.update(params, dirs)
+        return new
 
