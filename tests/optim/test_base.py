@@ -49,6 +49,51 @@ def test_all_finite_sees_complex_entries():
     assert not all_finite([z])
 
 
+def test_conjugated_complex_gradients_are_checked():
+    z = torch.randn(4, dtype=torch.complex64).conj()  # autograd hands out such lazily conjugated grads
+    assert z.is_conj() and all_finite([z])
+    assert not all_finite([torch.tensor([1 + 1j, complex(0, float("inf"))]).conj()])
+    p = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+    c = torch.randn(3, dtype=torch.complex64)
+    from curvkit.optim import AdaHessian
+    AdaHessian([p], lr=0.1).step(lambda: (p.conj() * c).abs().square().sum())
+
+
+@pytest.mark.parametrize("opt_cls", [Shampoo, SOAP, KFAC])
+def test_steps_under_float64_default_dtype(opt_cls):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = torch.nn.Linear(4, 3)
+        opt = opt_cls(model) if opt_cls is KFAC else opt_cls(model.parameters())
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+    finally:
+        torch.set_default_dtype(before)
+    assert all_finite([torch.randn(3)])  # nothing of the float64 run is left cached
+
+
+@pytest.mark.parametrize("opt_cls", [Shampoo, SOAP])
+def test_non_contiguous_loaded_state_still_updates(opt_cls):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3)
+    opt = opt_cls(conv.parameters(), update_each=1)
+    for _ in range(2):
+        opt.zero_grad()
+        conv(torch.randn(2, 4, 6, 6)).square().mean().backward()
+        opt.step()
+    sd = opt.state_dict()
+    for st in sd["state"].values():  # e.g. a state dict converted to channels_last elsewhere
+        if st["exp_avg"].dim() == 4:
+            st["exp_avg"] = st["exp_avg"].contiguous(memory_format=torch.channels_last)
+    opt.load_state_dict(sd)
+    before = opt.state[conv.weight]["exp_avg"].clone()
+    opt.zero_grad()
+    conv(torch.randn(2, 4, 6, 6)).square().mean().backward()
+    opt.step()
+    assert not torch.equal(opt.state[conv.weight]["exp_avg"], before)
+
+
 def test_all_finite_accepts_expanded_gradients_and_leaves_graphs_alone():
     x = torch.randn(3, requires_grad=True)
     (g,) = torch.autograd.grad(x.sum(), x, create_graph=True)  # an expanded tensor in a graph

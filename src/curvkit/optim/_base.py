@@ -66,14 +66,14 @@ _ONES: dict = {}  # a 1-element 1.0 per device: the "scale" of the fused check, 
 
 
 def non_finite_flag(tensors: list[Tensor]) -> Tensor | None:
-    """A 1-element float tensor, nonzero (or NaN) iff some entry of some tensor is NaN/inf; no
-    host read (``None`` for no entries). See :func:`all_finite`."""
+    """A 1-element float32 tensor, nonzero (or NaN) iff some entry of some tensor is NaN/inf;
+    no host read for tensors on one device (``None`` for no entries). See :func:`all_finite`."""
     groups: dict = {}
     for t in tensors:
         if t.numel():
             t = t.detach()
             if t.is_complex():
-                t = torch.view_as_real(t)  # a view: real and imaginary parts as floats
+                t = torch.view_as_real(t.resolve_conj())  # real and imaginary parts as floats
             if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
                 t = t.contiguous()  # an expanded gradient: the kernel writes, so no shared entries
             groups.setdefault((t.device, t.dtype), []).append(t)
@@ -82,15 +82,17 @@ def non_finite_flag(tensors: list[Tensor]) -> Tensor | None:
     found: dict = {}
     with torch.no_grad():
         for (dev, dt), ts in groups.items():
-            if dev not in found:
-                found[dev] = torch.zeros(1, device=dev)
+            if dev not in found:  # float32 whatever the default dtype: the AMP kernel needs it
+                found[dev] = torch.zeros(1, device=dev, dtype=torch.float32)
                 if dev not in _ONES:
-                    _ONES[dev] = torch.ones(1, device=dev)
-            if dt == torch.bfloat16 and dev.type == "cuda":  # the AMP kernel has no bf16 on CUDA:
-                # an L1 sum in float32 carries any NaN/inf; times alpha=0 it adds 0 or NaN to the flag
-                found[dev].add_(torch.stack(torch._foreach_norm(ts, 1, dtype=torch.float32)).sum(), alpha=0)
-            else:
+                    _ONES[dev] = torch.ones(1, device=dev, dtype=torch.float32)
+            if dev.type == "cpu" or (dev.type == "cuda" and dt != torch.bfloat16):
                 torch._amp_foreach_non_finite_check_and_unscale_(ts, found[dev], _ONES[dev])
+            else:  # bf16 on CUDA and other backends lack that kernel: an L1 sum in float32
+                # carries any NaN/inf; times alpha=0 it adds 0 or NaN to the flag
+                half = dt in (torch.float16, torch.bfloat16)
+                found[dev].add_(torch.stack(torch._foreach_norm(ts, 1, dtype=torch.float32 if half else None)).sum(),
+                                alpha=0)
     flags = list(found.values())
     return flags[0] if len(flags) == 1 else sum(f.cpu() for f in flags)
 
@@ -101,10 +103,11 @@ def all_finite(tensors: list[Tensor]) -> bool:
     One fused multi-tensor kernel per dtype and device, all setting one flag per device: torch's
     AMP inf/NaN check (``_amp_foreach_non_finite_check_and_unscale_``, the kernel GradScaler
     uses) with scale 1, which rewrites each value unchanged. It tests entries one by one in
-    float32 or wider, so no sum can overflow. bf16 on CUDA, which that kernel lacks, takes a
-    foreach L1 norm in float32 instead (a false alarm only for sums past 3e38). A per-tensor
-    ``isfinite().all()`` would launch two kernels per tensor, and foreach norms plus their
-    reductions about six per dtype, which is what sets the step's cost on launch-bound models.
+    float32 or wider, so no sum can overflow. bf16 on CUDA and devices other than CPU/CUDA, which
+    lack that kernel, take a foreach L1 norm instead (half types summed in float32: a false alarm
+    only for sums past 3e38). A per-tensor ``isfinite().all()`` would launch two kernels per
+    tensor, and foreach norms plus their reductions about six per dtype, which is what sets the
+    step's cost on launch-bound models.
     """
     flag = non_finite_flag(tensors)
     return flag is None or not bool(flag)

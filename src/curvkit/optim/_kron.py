@@ -99,8 +99,8 @@ def matrix_blocks(params: list[Tensor], grads: list[Tensor], block_size: int,
 
 
 def block_views(xs: list[Tensor], bucket: list) -> list[Tensor]:
-    """The bucket's blocks of ``xs[i]`` seen as matrices (views of contiguous tensors, so a
-    copy into one writes ``xs[i]``)."""
+    """The bucket's blocks of ``xs[i]`` seen as matrices: views when ``xs[i]`` is contiguous, as
+    state always is (``load_state_dict`` makes it so), so a copy into one writes ``xs[i]``."""
     return [xs[i].reshape(matrix_shape(xs[i].shape))[blk] for i, _, blk in bucket]
 
 
@@ -184,6 +184,15 @@ class KronOptimizer(CurvkitOptimizer):
 
     def _prepare(self, group: dict) -> Staged:
         raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As :meth:`CurvkitOptimizer.load_state_dict`; state tensors are made contiguous, since
+        the step writes moments and factors through views of their matrix blocks."""
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            for k, v in st.items():
+                if isinstance(v, Tensor) and not v.is_contiguous():
+                    st[k] = v.contiguous()
 
     def _init_state(self, params: list[Tensor], block_size: int) -> None:
         """First sight of a parameter: Adam's two moments, and zero factors ``L{j}``/``R{j}`` for
