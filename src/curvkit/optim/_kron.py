@@ -186,13 +186,14 @@ class KronOptimizer(CurvkitOptimizer):
         raise NotImplementedError
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As :meth:`CurvkitOptimizer.load_state_dict`; state tensors are made contiguous, since
-        the step writes moments and factors through views of their matrix blocks."""
+        """As :meth:`CurvkitOptimizer.load_state_dict`; the moments are made contiguous (as
+        ``_init_state`` makes them), since SOAP writes them through views of their matrix blocks.
+        Other entries keep their layout, which bit-exact resumption needs."""
         super().load_state_dict(state_dict)
         for st in self.state.values():
-            for k, v in st.items():
-                if isinstance(v, Tensor) and not v.is_contiguous():
-                    st[k] = v.contiguous()
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st and not st[k].is_contiguous():
+                    st[k] = st[k].contiguous()
 
     def _init_state(self, params: list[Tensor], block_size: int) -> None:
         """First sight of a parameter: Adam's two moments, and zero factors ``L{j}``/``R{j}`` for
