@@ -152,9 +152,9 @@ class Staged:
     def ema_factors(self, states: list[dict], bucket: list, G: Tensor, beta: float) -> tuple[Tensor, Tensor]:
         """New factors ``L``, ``R`` of the bucket's blocks (:func:`factor_ema` of the stacked
         gradient blocks ``G``), staged into their state entries and returned stacked."""
-        L, R = factor_ema(stack(state_blocks(states, bucket, "L")), stack(state_blocks(states, bucket, "R")), G, beta)
-        self.replace(state_blocks(states, bucket, "L") + state_blocks(states, bucket, "R"),
-                     [*L.unbind(0), *R.unbind(0)])
+        Ls, Rs = state_blocks(states, bucket, "L"), state_blocks(states, bucket, "R")
+        L, R = factor_ema(stack(Ls), stack(Rs), G, beta)
+        self.replace(Ls + Rs, [*L.unbind(0), *R.unbind(0)])
         return L, R
 
     def update(self, params: list[Tensor], dirs: dict) -> None:
