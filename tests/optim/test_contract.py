@@ -51,6 +51,25 @@ def _run(model, opt, batches, start, n):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_closure_is_called_and_its_loss_returned(kind):
+    model, (x, y) = classifier(), class_batches()[0]
+    opt = KINDS[kind](model)
+    returned = []
+
+    def closure():  # torch's convention: the closure re-evaluates the model and calls backward
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        returned.append(loss)
+        return loss
+
+    losses = [opt.step(closure) for _ in range(4)]
+    assert all(a is b for a, b in zip(losses, returned)) and len(returned) == 4
+    values = [loss.item() for loss in losses]
+    assert all(b < a for a, b in zip(values, values[1:]))  # each step lowers the loss
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_resume_is_bit_exact(kind):
     batches, N = class_batches(), 4  # refresh every 3: steps 0, 3, 6 cross the save
     ref = classifier()
@@ -97,34 +116,23 @@ def test_bf16_parameters_keep_float32_state(kind):
                 assert opt2.state[p][k].dtype == torch.float32 and torch.equal(opt2.state[p][k], v)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_state_loads_with_map_location_cpu(kind):
-    model, batches = classifier(), class_batches()
-    opt = KINDS[kind](model)
-    _run(model, opt, batches, 0, 2)
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    opt = KINDS[kind](model)
-    opt.load_state_dict(torch.load(buf, map_location="cpu"))
-    _run(model, opt, batches, 2, 2)
-    assert all(v.device.type == "cpu" for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_state_saved_on_cpu_loads_on_cuda(kind):
+def test_state_saved_on_cpu_loads_with_map_location(kind, device):
     model, batches = classifier(), class_batches()
     opt = KINDS[kind](model)
     _run(model, opt, batches, 0, 4)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
-    model = model.cuda()
+    model = model.to(device)
     opt = KINDS[kind](model)
-    opt.load_state_dict(torch.load(buf, map_location="cuda"))
-    _run(model, opt, [(x.cuda(), y.cuda()) for x, y in batches], 4, 4)
-    assert all(v.is_cuda for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    opt.load_state_dict(torch.load(buf, map_location=device))
+    _run(model, opt, [(x.to(device), y.to(device)) for x, y in batches], 4, 4)
+    assert all(v.device.type == device for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
 
 
 @pytest.mark.parametrize("kind", KINDS)

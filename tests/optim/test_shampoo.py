@@ -142,23 +142,6 @@ def test_vectors_get_adam():
     assert torch.allclose(w.detach(), wa.detach(), atol=1e-12, rtol=0)
 
 
-def test_closure_is_called_and_its_loss_returned():
-    torch.manual_seed(0)
-    model = nn.Linear(3, 2).double()
-    x = torch.randn(8, 3, dtype=D)
-    opt = Shampoo(model.parameters(), lr=0.1, update_each=1)
-
-    def closure():
-        opt.zero_grad()
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        return loss
-
-    first = opt.step(closure)
-    assert first.requires_grad is False or first.grad_fn is not None
-    assert float(opt.step(closure)) < float(first)
-
-
 @pytest.mark.parametrize("kw", [dict(lr=-1.0), dict(betas=(1.0, 0.9)), dict(betas=(0.9,)), dict(epsilon=-1e-3),
                                 dict(weight_decay=float("nan")), dict(update_each=0), dict(block_size=0),
                                 dict(start_preconditioning_step=0), dict(graft="sgd"), dict(root_method="svd"),

@@ -132,22 +132,6 @@ def test_param_groups_use_their_own_lr_and_weight_decay():
     assert not torch.equal(a.detach(), a0)
 
 
-def test_closure_is_called_and_its_loss_returned():
-    torch.manual_seed(0)
-    model = nn.Linear(3, 2).double()
-    x = torch.randn(8, 3, dtype=D)
-    opt = SOAP(model.parameters(), lr=0.05, update_each=1)
-
-    def closure():
-        opt.zero_grad()
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        return loss
-
-    losses = [float(opt.step(closure)) for _ in range(4)]
-    assert losses[-1] < losses[0]
-
-
 @pytest.mark.parametrize("kw", [dict(lr=-1.0), dict(betas=(0.9, 1.0)), dict(shampoo_beta=1.0), dict(eps=-1.0),
                                 dict(weight_decay=-0.1), dict(update_each=0), dict(block_size=1.5),
                                 dict(refresh="svd"), dict(shampoo_beta="0.9")])
