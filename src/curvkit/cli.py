@@ -253,7 +253,7 @@ def _loss(spec: str, debug: bool):
 def _data(spec: str, limit: int | None, debug: bool) -> list:
     from torch import Tensor
 
-    from .operators._data import is_batch
+    from .model.data import is_batch
 
     obj = _call(_load_attr(spec, "--data"), spec, "--data", debug)
     expected = "expected an (inputs, targets) batch, a list of them or a DataLoader"

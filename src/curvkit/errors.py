@@ -47,3 +47,11 @@ class CurvkitWarning(UserWarning):
 
 class ConvergenceWarning(CurvkitWarning):
     """An iterative algorithm stopped at its budget before reaching its tolerance."""
+
+
+class LossWarning(CurvkitWarning):
+    """What curvkit had to assume about a loss (its terms, a zero GGN) that may not be what you meant."""
+
+
+class FallbackWarning(CurvkitWarning):
+    """A computation took a slower or more robust path than asked for (it says which and why)."""

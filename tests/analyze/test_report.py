@@ -144,8 +144,6 @@ def test_same_seed_same_report(least_squares):
 def test_heldout_loss_is_weighted_like_the_operators():
     """Held-out batches are weighted by the loss's terms: CE with ignore_index over uneven
     batches gives the loss of the concatenated held-out data."""
-    from curvkit.analyze.report import _evaluate
-
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     x, y = torch.randn(15, 4), torch.randint(0, 3, (15,))
@@ -154,6 +152,7 @@ def test_heldout_loss_is_weighted_like_the_operators():
     batches = [(x[:5], y[:5]), (x[5:12], y[5:12]), (x[12:], y[12:])]
     with torch.no_grad():
         ref = float(loss_fn(model(x), y))
-    got = _evaluate(model, loss_fn, batches)
-    assert got["loss"] == pytest.approx(ref, rel=1e-6)
-    assert got["examples"] == 15
+    report = ck.analyze(model, loss_fn, batches[:1], heldout=batches, k=2, probes=4, density_probes=2,
+                        density_iterations=5, progress=False)
+    assert report.loss["heldout"] == pytest.approx(ref, rel=1e-6)
+    assert report.data["heldout_examples"] == 15

@@ -173,7 +173,7 @@ def test_mc_factors_converge_to_type2_within_standard_error():
     model = _mlp()
     x, y = _cls(16)
     exact = ck.kfac(model, nn.CrossEntropyLoss(), (x, y)).factors
-    runs = [ck.kfac(model, nn.CrossEntropyLoss(), (x, y), fisher_type="mc", seed=s, mc_samples=4).factors
+    runs = [ck.kfac(model, nn.CrossEntropyLoss(), (x, y), kind="mc", seed=s, mc_samples=4).factors
             for s in range(30)]
     for name, (A, G) in exact.items():
         torch.testing.assert_close(runs[0][name][0], A, atol=1e-14, rtol=0)  # A does not depend on the type
@@ -181,14 +181,14 @@ def test_mc_factors_converge_to_type2_within_standard_error():
         err = (traces.mean() - G.trace()).abs()
         stderr = traces.std() / len(traces) ** 0.5
         assert err < 4 * stderr, (name, float(err), float(stderr))
-    same = ck.kfac(model, nn.CrossEntropyLoss(), (x, y), fisher_type="mc", seed=3, mc_samples=4).factors
+    same = ck.kfac(model, nn.CrossEntropyLoss(), (x, y), kind="mc", seed=3, mc_samples=4).factors
     assert all(torch.equal(same[n][1], runs[3][n][1]) for n in same)
 
 
 def test_empirical_kfac_equals_empirical_fisher_for_one_example():
     model = nn.Linear(4, 3).to(D)
     x, y = torch.randn(1, 4, dtype=D), torch.tensor([0])
-    K = ck.kfac(model, nn.CrossEntropyLoss(), (x, y), fisher_type="empirical").dense()
+    K = ck.kfac(model, nn.CrossEntropyLoss(), (x, y), kind="empirical").dense()
     F = ck.fisher(model, nn.CrossEntropyLoss(), (x, y), kind="empirical").dense()
     torch.testing.assert_close(K, F, atol=1e-10, rtol=0)
 
@@ -228,12 +228,12 @@ def test_weight_sharing_is_refused():
 def test_bad_arguments():
     model = nn.Linear(4, 3).to(D)
     x, y = _cls(3)
-    with pytest.raises(ArgumentError, match="fisher_type"):
-        ck.kfac(model, nn.CrossEntropyLoss(), (x, y), fisher_type="type-1")
+    with pytest.raises(ArgumentError, match="kind must be"):
+        ck.kfac(model, nn.CrossEntropyLoss(), (x, y), kind="type-1")
     with pytest.raises(ArgumentError, match="mc_samples"):
-        ck.kfac(model, nn.CrossEntropyLoss(), (x, y), fisher_type="mc", mc_samples=0)
+        ck.kfac(model, nn.CrossEntropyLoss(), (x, y), kind="mc", mc_samples=0)
     with pytest.raises(LossError):
-        ck.kfac(model, nn.SmoothL1Loss(), (x, torch.randn(3, 3, dtype=D)), fisher_type="mc")
+        ck.kfac(model, nn.SmoothL1Loss(), (x, torch.randn(3, 3, dtype=D)), kind="mc")
 
 
 def test_bf16_model_keeps_float32_factors():

@@ -140,7 +140,8 @@ class _Seg(torch.nn.Module):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_spatial_cross_entropy(reduction):
-    """CE with extra output dims: one loss term per pixel; an example's gradient sums its pixels."""
+    """CE with extra output dims: one loss term per pixel, and the empirical Fisher sums the outer
+    products of the pixels' own gradients (the terms, as for a sequence's tokens)."""
     from .reference import ref_ggn, ref_hessian
 
     torch.manual_seed(0)
@@ -154,11 +155,14 @@ def test_spatial_cross_entropy(reduction):
     assert_close(G.dense(), ref_ggn(model, loss_fn, batches))
     f = Flat(model)
     X, Y = concat(batches)
-    per_example = make_loss("ce", "sum")
+    per_term = make_loss("ce", "sum")
     grads = []
     for n in range(len(Y)):
-        th = f.theta0.clone().requires_grad_(True)
-        grads.append(torch.autograd.grad(per_example(f(th, X[n : n + 1]), Y[n : n + 1]), th)[0])
+        for i in range(2):
+            for j in range(2):
+                th = f.theta0.clone().requires_grad_(True)
+                logits = f(th, X[n : n + 1])[:, :, i, j]
+                grads.append(torch.autograd.grad(per_term(logits, Y[n : n + 1, i, j]), th)[0])
     grads = torch.stack(grads)
     c = 1 / Y.numel() if reduction == "mean" else 1.0  # one term per pixel
     assert_close(ck.fisher(model, loss_fn, batches).dense(), c * grads.T @ grads)

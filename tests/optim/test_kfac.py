@@ -43,7 +43,7 @@ def test_first_direction_equals_the_operator_inverse_applied_to_the_gradient():
     model = nn.Linear(6, 3).to(D)
     x, y = class_batches(1, size=20, dtype=D)[0]
     lam = 1e-2
-    K = ck.kfac(model, nn.CrossEntropyLoss(), (x, y), fisher_type="empirical")
+    K = ck.kfac(model, nn.CrossEntropyLoss(), (x, y), kind="empirical")
     _, grad = K.loss_and_gradient()
     expected = K.inverse(lam) @ grad
     opt = KFAC(model, lr=1.0, damping=lam, momentum=0.0, kl_clip=None)
@@ -61,7 +61,7 @@ def test_first_direction_equals_the_operator_inverse_applied_to_the_gradient():
 def test_kl_clip_bounds_the_step_and_is_inactive_when_loose(kl_clip):
     model = nn.Linear(6, 3).to(D)
     x, y = class_batches(1, size=20, dtype=D)[0]
-    K = ck.kfac(model, nn.CrossEntropyLoss(), (x, y), fisher_type="empirical")
+    K = ck.kfac(model, nn.CrossEntropyLoss(), (x, y), kind="empirical")
     _, grad = K.loss_and_gradient()
     d = K.inverse(1e-2) @ grad
     lr = 0.5
@@ -78,7 +78,7 @@ def test_a_frozen_weight_leaves_a_bias_only_block():
     model = nn.Linear(6, 3).to(D)
     model.weight.requires_grad_(False)
     x, y = class_batches(1, size=20, dtype=D)[0]
-    K = ck.kfac(model, nn.CrossEntropyLoss(), (x, y), params=["bias"], fisher_type="empirical")
+    K = ck.kfac(model, nn.CrossEntropyLoss(), (x, y), params=["bias"], kind="empirical")
     expected = K.inverse(1e-2) @ K.loss_and_gradient()[1]
     opt = KFAC(model, lr=1.0, damping=1e-2, momentum=0.0, kl_clip=None)
     b0 = model.bias.detach().clone()
@@ -170,7 +170,7 @@ def test_conv_net_trains_and_gradient_accumulation_averages_factors():
     for h in (slice(0, 8), slice(8, 16)):
         (nn.functional.cross_entropy(model2(xb[h]), yb[h]) / 2).backward()
     opt2.step()
-    halves = [ck.kfac(model2, nn.CrossEntropyLoss(), (xb[h], yb[h]), fisher_type="empirical").factors["0"]
+    halves = [ck.kfac(model2, nn.CrossEntropyLoss(), (xb[h], yb[h]), kind="empirical").factors["0"]
               for h in (slice(0, 8), slice(8, 16))]
     st = opt2.state[model2[0].weight]
     torch.testing.assert_close(st["kfac_A"], (halves[0][0] + halves[1][0]) / 2, atol=1e-12, rtol=0)

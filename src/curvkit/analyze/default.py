@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import datasets
-from .._progress import progress as progress_bar
+from ..progress import progress as progress_bar
 
 Batch = tuple[Tensor, Tensor]
 

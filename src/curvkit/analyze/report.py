@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._progress import progress as progress_bar
+from ..progress import progress as progress_bar
 from ..errors import ArgumentError
-from ..operators import Batches, loss_terms, model_mode
+from ..model import Risk, layers
 
 SCHEMA_VERSION = "curvkit.report/1"
 OUTLIER_RULE = (
@@ -160,7 +160,7 @@ def analyze(
                 rec["passes"] = 1
             held = {"loss": None, "accuracy": None, "examples": 0}
             if heldout is not None:
-                held = _evaluate(model, loss_fn, heldout)
+                held = _evaluate(H, heldout)
 
             lanczos = dict(tol=tol, seed=seed, block_size=block_size, max_matvecs=max_products, progress=progress)
             with step("Hessian top-k") as rec:
@@ -194,7 +194,7 @@ def analyze(
     frac = float((V.T @ g).square().sum()) / gnorm2 if gnorm2 > 0 else 0.0
     density = _density_section(dens, n)
     outliers = _outliers([float(v) for v in eh.values])
-    layers = _layer_section(model, H, ltr, leig)
+    layer_rows = _layer_section(H, ltr, leig)
     n_total = sum(p.numel() for p in model.parameters())
     first_x, _ = H.data.first()
     sets = {
@@ -222,7 +222,7 @@ def analyze(
         trace={"value": tr.value, "stderr": tr.stderr, "method": tr.method, "probes": tr.probes,
                **cost["trace"]},
         density=density,
-        layers=layers,
+        layers=layer_rows,
         gradient={"norm": math.sqrt(gnorm2), "fraction_in_top_k": frac, "k": k,
                   "definition": "||V^T g||^2 / ||g||^2, V the top-k Hessian eigenvectors, g the gradient "
                                 "of the same loss over the same data"},
@@ -277,23 +277,25 @@ def _loss_and_gradient(H) -> tuple[float, float | None, Tensor, int | None]:
     return loss, None, grad, None
 
 
-def _evaluate(model: nn.Module, loss_fn: Any, data: Any) -> dict:
-    """Loss and accuracy over held-out batches, weighted as the operators weight batches
-    (``loss_terms`` for a mean loss): one forward pass."""
-    batches = Batches(data)
-    mean = getattr(loss_fn, "reduction", "mean") == "mean"
-    total, loss, correct, cls = 0.0, 0.0, 0, True
-    with model_mode(model, train=False), torch.no_grad():
-        for _, x, y in batches:
-            out = model(x)
-            w = float(loss_terms(loss_fn, y)) if mean else 1.0
-            loss += float(loss_fn(out, y)) * w
-            total += w
-            cls = cls and _is_classification(out, y)
-            if cls:
-                correct += int((out.argmax(1) == y).sum())
-    n = batches.num_data
-    return {"loss": loss / total if mean else loss, "accuracy": correct / n if cls else None, "examples": n}
+def _evaluate(H, data: Any) -> dict:
+    """Loss and accuracy over held-out batches, weighted as the operators weight batches (the
+    same data loop, :class:`curvkit.model.Risk`): one forward pass."""
+    r = H.risk
+    risk = Risk(r.model, r.loss_fn, data, space=r.space, spec=r.spec, mode="eval", output=r.output,
+                max_batch=r.max_batch, distributed=r.group is not None)
+    f = risk.function()
+    seen = {"correct": 0, "cls": True}
+
+    def batch(x: Any, y: Tensor, _: int):
+        with torch.no_grad():
+            out = f(risk.space.detached(), x)
+            seen["cls"] = seen["cls"] and _is_classification(out, y)
+            hit = (out.argmax(1) == y).sum().to(torch.float64) if seen["cls"] else torch.zeros((), dtype=torch.float64)
+            return [hit.reshape(1)], risk.loss(out, y), risk.weight(out, y)
+
+    totals = risk.accumulate(batch, what="held-out loss")
+    n = totals.examples
+    return {"loss": totals.loss, "accuracy": float(totals.sums[0]) / n if seen["cls"] else None, "examples": n}
 
 
 def _eig_section(r, rec: dict) -> dict:
@@ -326,17 +328,15 @@ def _density_section(d, n: int) -> dict:
     }
 
 
-def _layer_section(model: nn.Module, H, ltr, leig) -> list:
-    blocks = H.blocks("layer")
+def _layer_section(H, ltr, leig) -> list:
+    found = {layer.name: layer for layer in layers(H.model, H.space.named)}
     out = []
     for name, tr in ltr.items():
-        try:
-            kind = type(model.get_submodule(name)).__name__
-        except AttributeError:  # "(root)": parameters the model itself holds
-            kind = type(model).__name__
+        layer = found[name]
         e = leig[name]
         out.append({
-            "name": name, "type": kind, "parameters": blocks[name].shape[0],
+            "name": name, "type": type(layer.module).__name__, "kind": layer.kind,
+            "parameters": sum(p.numel() for n, p in H.space.named if n in layer.param_names),
             "trace": tr.value, "trace_stderr": tr.stderr, "trace_products": tr.matvecs,
             "top_eigenvalue": float(e.values[0]), "top_residual": float(e.residuals[0]),
             "converged": bool(e.converged), "eig_products": e.matvecs,

@@ -5,33 +5,52 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, NonFiniteError, ShapeError
+from ..linear_operator import BlockDiagonalOperator
+from ..seeding import generator
+
+__all__ = ["check_square", "check_symmetric", "generator", "rademacher", "gaussian", "apply", "operator_blocks"]
 
 
 def check_square(A: Any) -> int:
     """Return n for an n x n operator; raise ShapeError for anything else."""
+    if isinstance(A, np.ndarray) or type(A).__module__.startswith("scipy"):
+        raise ShapeError(
+            f"expected a torch operator, got a {type(A).__module__.split('.')[0]} {type(A).__name__}; convert a "
+            "matrix with torch.as_tensor(A), or wrap your product in curvkit.linear_operator.FunctionOperator"
+        )
     shape = getattr(A, "shape", None)
     if shape is None or not hasattr(A, "__matmul__") or not hasattr(A, "dtype"):
         raise ShapeError(
             f"expected a linear operator with .shape, .dtype, .device and @, got {type(A).__name__}; "
             "pass a curvkit operator (ck.hessian(...)), a torch.Tensor matrix, or wrap your product "
-            "in curvkit.operators.FunctionOperator"
+            "in curvkit.linear_operator.FunctionOperator"
         )
     if len(shape) != 2 or shape[0] != shape[1]:
         raise ShapeError(f"the operator must be square, got shape {tuple(shape)}")
     return int(shape[0])
 
 
-def generator(seed: int | torch.Generator | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """An explicit generator: same seed, same result (a Generator is used as given)."""
-    if isinstance(seed, torch.Generator):
-        return seed
-    g = torch.Generator(device=device)
-    g.manual_seed(0 if seed is None else int(seed))
-    return g
+def check_symmetric(A: Any, what: str) -> int:
+    """``check_square``, and an ArgumentError for an operator that is not symmetric (a product of
+    two different operators, a FunctionOperator declared ``symmetric=False``, a tensor that is
+    not equal to its transpose): ``what`` assumes symmetry and would return wrong numbers."""
+    n = check_square(A)
+    if isinstance(A, Tensor):  # a dense matrix: compare with its transpose (NaN is reported later)
+        scale = float(A.abs().max()) if A.numel() else 0.0
+        sym = not (scale < float("inf")) or bool((A - A.T).abs().max() <= 1e-6 * scale)
+    else:
+        sym = getattr(A, "is_symmetric", True)
+    if not sym:
+        raise ArgumentError(
+            f"{what} needs a symmetric operator, and {type(A).__name__} is not symmetric; for A @ B use a "
+            "symmetric form (e.g. B @ A @ B for symmetric A, B), or its symmetric part (A + A.T) / 2"
+        )
+    return n
 
 
 def rademacher(n: int, k: int, gen: torch.Generator, dtype: torch.dtype, device) -> Tensor:
@@ -61,8 +80,9 @@ def apply(A: Any, V: Tensor, what: str = "product") -> Tensor:
     return out
 
 
-def operator_blocks(A: Any, by: str) -> dict:
-    """``A.blocks(by)``: the per-layer/per-parameter diagonal blocks, or a clear error."""
+def operator_blocks(A: Any, by: str) -> BlockDiagonalOperator:
+    """``A.blocks(by)``: the operator hands out its own per-layer/per-parameter diagonal blocks
+    (linear algebra knows nothing of layers), or a clear error."""
     if by not in ("layer", "param"):
         raise ArgumentError(f"by must be None, 'layer' or 'param', got {by!r}")
     if not hasattr(A, "blocks"):

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._progress import progress as progress_bar
+from ..progress import progress as progress_bar
 from ..errors import ArgumentError, ConvergenceWarning, ShapeError
-from ._util import apply, check_square
+from ..linear_operator import same_device
+from ._util import apply, check_symmetric
 from .results import SolveResult
 
 
@@ -40,14 +41,14 @@ def solve(
     Cost: one product per column per iteration, plus one per column to verify the residual;
     at most ``max_matvecs`` (default ``k * min(10 n, 1000)``), counted as columns.
     """
-    n = check_square(A)
+    n = check_symmetric(A, "solve (conjugate gradient)")
     if not isinstance(b, Tensor):
         raise ShapeError(f"b must be a torch.Tensor of shape ({n},) or ({n}, k), got {type(b).__name__}")
     if b.dim() not in (1, 2) or b.shape[0] != n:
         raise ShapeError(f"b must have shape ({n},) or ({n}, k) to match the operator, got {tuple(b.shape)}")
     if b.dtype != A.dtype:
         raise ShapeError(f"b has dtype {b.dtype} but the operator {A.dtype}; use b.to({A.dtype})")
-    if b.device != torch.device(A.device):
+    if not same_device(b.device, A.device):
         raise ShapeError(f"b is on {b.device} but the operator on {A.device}; use b.to('{A.device}')")
     if x0 is not None and (not isinstance(x0, Tensor) or x0.shape != b.shape or x0.dtype != b.dtype):
         raise ShapeError(f"x0 must be a tensor shaped and typed like b {tuple(b.shape)}/{b.dtype}")

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._progress import progress as progress_bar
+from ..progress import progress as progress_bar
 from ..errors import ArgumentError, CurvkitWarning
-from ._util import apply, check_square, gaussian, generator
+from ._util import apply, check_symmetric, gaussian, generator
 from .results import DensityResult
 
 _F64 = torch.float64
@@ -49,7 +49,7 @@ def spectral_density(
 
     Cost: ``iterations * probes`` operator products (columns), in ``iterations`` block products.
     """
-    n = check_square(A)
+    n = check_symmetric(A, "spectral_density (Lanczos quadrature)")
     if not isinstance(iterations, int) or iterations < 1 or not isinstance(probes, int) or probes < 1:
         raise ArgumentError(f"iterations and probes must be positive integers, got {iterations!r}, {probes!r}")
     if sigma is not None and not sigma > 0:

@@ -9,9 +9,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .._progress import progress as progress_bar
+from ..progress import progress as progress_bar
 from ..errors import ArgumentError, ConvergenceWarning, ShapeError
-from ._util import apply, check_square, gaussian, generator, operator_blocks
+from ._util import apply, check_square, check_symmetric, gaussian, generator, operator_blocks
 from .results import BlockResults, EigenResult
 
 Which = Literal["largest", "smallest", "magnitude"]
@@ -76,7 +76,7 @@ def _order(theta: Tensor, which: str) -> Tensor:
 
 
 def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, progress, allow_all=False):
-    n = check_square(A)
+    n = check_symmetric(A, "eigenvalues (Lanczos)")
     if not isinstance(k, int) or k < 1 or k > n or (k == n and not allow_all):
         raise ShapeError(
             f"k must be an integer with 1 <= k < n = {n}, got {k!r}; for all eigenvalues of a small "

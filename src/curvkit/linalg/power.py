@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import ConvergenceWarning
-from ._util import apply, check_square, gaussian, generator
+from ._util import apply, check_symmetric, gaussian, generator
 from .results import EigenResult
 
 
@@ -25,7 +25,7 @@ def power_iteration(
     with rate |lambda_2 / lambda_1|; :func:`curvkit.eigenvalues` (Lanczos) needs far fewer
     products and finds several eigenvalues.
     """
-    n = check_square(A)
+    n = check_symmetric(A, "power_iteration")
     gen = generator(seed)
     v = gaussian(n, 1, gen, A.dtype, A.device)[:, 0]
     v = v / v.norm()

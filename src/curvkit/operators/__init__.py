@@ -1,17 +1,13 @@
-"""Curvature matrices of a model as matrix-free linear operators."""
+"""Curvature matrices of a model as matrix-free linear operators (one module per matrix)."""
 
-from ._data import Batches
-from ._losses import loss_terms
-from ._params import flatten, resolve_params, unflatten
-from .base import (
-    CurvatureOperator, FunctionOperator, IdentityOperator, LinearOperator, identity_like, model_mode,
-)
+from ..linear_operator import (BlockDiagonalOperator, FunctionOperator, IdentityOperator, LinearOperator,
+                               identity_like)
+from .base import CurvatureOperator
 from .fisher import FisherOperator, fisher
 from .ggn import GGNOperator, ggn
 from .hessian import HessianOperator, hessian
 
 __all__ = [
-    "LinearOperator", "CurvatureOperator", "FunctionOperator", "IdentityOperator", "identity_like", "model_mode",
-    "HessianOperator", "GGNOperator", "FisherOperator", "hessian", "ggn", "fisher",
-    "resolve_params", "flatten", "unflatten", "Batches", "loss_terms",
+    "LinearOperator", "CurvatureOperator", "FunctionOperator", "IdentityOperator", "BlockDiagonalOperator",
+    "identity_like", "HessianOperator", "GGNOperator", "FisherOperator", "hessian", "ggn", "fisher",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-BatchFn = Callable[[Any, Tensor, list[Tensor], int], tuple[list[Tensor], Tensor]]
+BatchFn = Callable[[Any, Tensor, list[Tensor], int], tuple[list[Tensor], Tensor, Any]]
 
 
 class _Captured:
@@ -30,15 +30,17 @@ class _Captured:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out, self.loss = fn(self.x, self.y, self.V, index)
+            self.out, self.loss, self.weight = fn(self.x, self.y, self.V, index)
 
-    def __call__(self, x: Tensor, y: Tensor, V: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    def __call__(self, x: Tensor, y: Tensor, V: list[Tensor]) -> tuple[list[Tensor], Tensor, Any]:
         self.x.copy_(x)
         self.y.copy_(y)
         for dst, src in zip(self.V, V):
             dst.copy_(src)
         self.graph.replay()
-        return self.out, self.loss.clone()  # outputs are overwritten by the next replay
+        w = self.weight.clone() if isinstance(self.weight, Tensor) else self.weight
+        # outputs are overwritten by the next replay: the loop adds them up before that
+        return self.out, self.loss.clone(), w
 
 
 class GraphCache:

@@ -5,60 +5,77 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..seeding import seed_int
 from ..errors import ArgumentError
+from ..model.params import ParamSpec
+from ..model.risk import Mode
 from .ggn import OutputSpaceOperator
+
+Kind = Literal["empirical", "mc"]
 
 
 class FisherOperator(OutputSpaceOperator):
-    r"""``F = sum_b w_b c_b sum_n J_n^T r_n r_n^T J_n`` with ``r_n`` the gradient of example n's
-    negative log-likelihood with respect to its outputs.
+    r"""``F = sum_b w_b c_b sum_t J_t^T r_t r_t^T J_t`` over the loss's terms ``t``, with ``r_t``
+    the gradient of term t's negative log-likelihood with respect to its outputs.
 
-    ``kind="empirical"``: ``r_n`` at the data's targets. ``kind="mc"``: at targets sampled from
-    the model's predictive distribution (``mc_samples`` draws per example, averaged), which
-    makes ``E[F] = GGN`` for cross-entropy, squared error (a Gaussian of variance 1/2) and
-    binary cross-entropy. The samples of batch ``i`` come from a generator seeded by
-    ``(seed, i)``, so every product sees the same matrix.
+    A term is what the loss's mean counts (:mod:`curvkit.model.losses`): one example of an
+    ``(N, C)`` classifier or regressor, one token (position) of a sequence loss, so the same
+    loss spelled on ``(B, V, T)`` or on ``(B*T, V)`` gives the same Fisher.
+    ``kind="empirical"``: ``r_t`` at the data's targets. ``kind="mc"``: at targets sampled from
+    the model's predictive distribution (``mc_samples`` draws per term, averaged), which makes
+    ``E[F] = GGN`` for cross-entropy, squared error (a Gaussian of variance 1/2) and binary
+    cross-entropy. The samples of batch ``i`` come from a generator seeded by ``(seed, i)``, so
+    every product sees the same matrix; ``seed=None`` draws one seed from fresh entropy.
 
     Cost of ``F @ V`` with V (n, k): as for the GGN, one pass over the data with two forwards
     and one backward per batch.
     """
 
-    def __init__(self, model, loss_fn, data, params=None, *, kind: Literal["empirical", "mc"] = "empirical",
-                 mc_samples: int = 1, seed: int | torch.Generator = 0, **kw: Any):
+    _what = "the Fisher"
+
+    def __init__(self, model: nn.Module, loss_fn: Any, data: Any, params: ParamSpec = None, *,
+                 kind: Kind = "empirical", mc_samples: int = 1, seed: int | torch.Generator | None = 0,
+                 mode: Mode = "eval", reduction: str | None = None, output: Any = None,
+                 max_batch: int | None = None, distributed: bool | None = None, cuda_graphs: bool | None = None):
         if kind not in ("empirical", "mc"):
             raise ArgumentError(f"kind must be 'empirical' or 'mc', got {kind!r}")
-        if int(mc_samples) < 1:
-            raise ArgumentError(f"mc_samples must be >= 1, got {mc_samples}")
-        super().__init__(model, loss_fn, data, params, **kw)
-        if kind == "mc" and not self.loss.has_likelihood:
-            self.loss.sample(torch.zeros(1), torch.Generator())  # raises the LossError that says why
-        self.kind, self.mc_samples = kind, int(mc_samples)
+        if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
+            raise ArgumentError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        self.kind, self.mc_samples, self.seed = kind, mc_samples, seed_int(seed)
         if kind == "mc":
-            self._graphs = None  # per-batch sampling uses its own generator: replay eagerly
-        self.seed = int(torch.randint(0, 2**62, (1,), generator=seed)) if isinstance(seed, torch.Generator) else int(seed)
+            self._graph_safe = False  # per-batch sampling uses its own generator: replay eagerly
+        super().__init__(model, loss_fn, data, params, mode=mode, reduction=reduction, output=output,
+                         max_batch=max_batch, distributed=distributed, cuda_graphs=cuda_graphs)
+
+    def _options(self) -> dict:
+        return {**super()._options(), "kind": self.kind, "mc_samples": self.mc_samples, "seed": self.seed}
+
+    def _check_loss(self, out: Tensor, y: Tensor) -> None:
+        if self.kind == "mc" and not self.loss.has_likelihood:
+            self.loss.sample(out, torch.Generator())  # raises the LossError that says why
 
     def _output_matmat(self, out: Tensor, y: Tensor, JV: Tensor, index: int) -> Tensor:
-        spec, b, k = self.loss, out.shape[0], JV.shape[0]
+        spec = self.loss
         if self.kind == "empirical":
             R = spec.residuals(out, y)[None]
         else:
             gen = torch.Generator(device=out.device)
             gen.manual_seed((self.seed * 1_000_003 + index) % 2**64)  # manual_seed takes 64 bits
             R = torch.stack([spec.sampled_residuals(out, y, gen) for _ in range(self.mc_samples)])
-        Rf, Jf = R.reshape(R.shape[0], b, -1), JV.reshape(k, b, -1)
-        s = torch.einsum("mbd,kbd->kmb", Rf, Jf)
-        U = torch.einsum("kmb,mbd->kbd", s, Rf) * (spec.factor(out, y) / R.shape[0])
-        return U.reshape(JV.shape)
+        return spec.fisher_matmat(out, R, JV, spec.factor(out, y))
 
 
-def fisher(model, loss_fn, data, params=None, kind: Literal["empirical", "mc"] = "empirical", **kw: Any) -> FisherOperator:
+def fisher(model: nn.Module, loss_fn: Any, data: Any, params: ParamSpec = None, *, kind: Kind = "empirical",
+           mc_samples: int = 1, seed: int | torch.Generator | None = 0, mode: Mode = "eval",
+           reduction: str | None = None, output: Any = None, max_batch: int | None = None,
+           distributed: bool | None = None, cuda_graphs: bool | None = None) -> FisherOperator:
     """The Fisher of ``loss_fn(model(inputs), targets)`` over ``data`` (``kind="empirical"|"mc"``).
 
-    Cost to build: one pass over the batches without the model and one forward on the first
+    Cost to build: one pass over the batches without the model and two forwards on the first
     batch. See :class:`FisherOperator`.
     """
-    return FisherOperator(model, loss_fn, data, params, kind=kind, **kw)
-
-
+    return FisherOperator(model, loss_fn, data, params, kind=kind, mc_samples=mc_samples, seed=seed, mode=mode,
+                          reduction=reduction, output=output, max_batch=max_batch, distributed=distributed,
+                          cuda_graphs=cuda_graphs)

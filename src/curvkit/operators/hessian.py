@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad_and_value, jvp, vmap
 
 from ..errors import ArgumentError
-from ._losses import forward_ad_safe
+from ..model.params import ParamSpec
+from ..model.risk import Mode
 from .base import CurvatureOperator
 
 Method = Literal["auto", "forward-over-reverse", "double-backward"]
@@ -37,59 +38,73 @@ class HessianOperator(CurvatureOperator):
         (8, 8)
     """
 
-    def __init__(self, model, loss_fn, data, params=None, *, method: Method = "auto", **kw: Any):
+    def __init__(self, model: nn.Module, loss_fn: Any, data: Any, params: ParamSpec = None, *,
+                 method: Method = "auto", mode: Mode = "eval", reduction: str | None = None, output: Any = None,
+                 max_batch: int | None = None, distributed: bool | None = None, cuda_graphs: bool | None = None):
         if method not in ("auto", "forward-over-reverse", "double-backward"):
             raise ArgumentError(f"method must be 'auto', 'forward-over-reverse' or 'double-backward', got {method!r}")
         self.method = method
         self.strategy = "double-backward" if method == "double-backward" else "vmap"
-        super().__init__(model, loss_fn, data, params, **kw)
+        super().__init__(model, loss_fn, data, params, mode=mode, reduction=reduction, output=output,
+                         max_batch=max_batch, distributed=distributed, cuda_graphs=cuda_graphs)
 
-    def _batch_matmat(self, x: Any, y: Tensor, V: list[Tensor], index: int) -> tuple[list[Tensor], Tensor]:
-        names, k = self.param_names, V[0].shape[0]
+    def _options(self) -> dict:
+        return {**super()._options(), "method": self.method}
+
+    def _batch_matmat(self, x: Any, y: Tensor, V: list[Tensor], index: int) -> tuple[list[Tensor], Tensor, Any]:
+        names, k, risk = self.param_names, V[0].shape[0], self.risk
         if self.strategy != "double-backward":
-            f, params, loss_fn = self._model_fn(), self._param_dict(), forward_ad_safe(self.loss_fn)
+            f, params = risk.function(), self.space.detached()
 
-            def grad_with_loss(p):
-                return grad_and_value(lambda q: loss_fn(f(q, x), y))(p)  # (gradient, aux=loss)
+            def loss_and_weight(q):
+                out = f(q, x)
+                w = risk.weight(out, y)  # (transforms return tensors only)
+                return risk.loss(out, y), (w if isinstance(w, Tensor) else torch.tensor(float(w)))
 
             def hvp(v):
-                _, hv, loss = jvp(grad_with_loss, (params,), (v,), has_aux=True)
-                return hv, loss
+                _, hv, (loss, w) = jvp(grad_and_value(loss_and_weight, has_aux=True), (params,), (v,), has_aux=True)
+                return hv, loss, w
 
             probes = dict(zip(names, V))
             if self.strategy == "vmap":
                 try:
-                    hv, loss = vmap(hvp)(probes)
-                    return [hv[n] for n in names], loss[0]
+                    hv, loss, w = vmap(hvp, randomness="same")(probes)
+                    return [hv[n] for n in names], loss[0], w[0] if isinstance(w, Tensor) else w
                 except _FALLBACK:
                     self.strategy = "loop"
             if self.strategy == "loop":
                 try:
                     outs = [hvp({n: v[j] for n, v in probes.items()}) for j in range(k)]
-                    return [torch.stack([o[0][n] for o in outs]) for n in names], outs[0][1]
+                    return [torch.stack([o[0][n] for o in outs]) for n in names], outs[0][1], outs[0][2]
                 except _FALLBACK:
                     if self.method == "forward-over-reverse":
                         raise
                     self.strategy = "double-backward"
         return self._double_backward(x, y, V)
 
-    def _double_backward(self, x: Any, y: Tensor, V: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    def _double_backward(self, x: Any, y: Tensor, V: list[Tensor]) -> tuple[list[Tensor], Tensor, Any]:
         k = V[0].shape[0]
         with torch.enable_grad():
-            params = {n: p.requires_grad_(True) for n, p in self._param_dict().items()}
-            loss = self.loss_fn(self._model_fn()(params, x), y)
+            params = {n: p.requires_grad_(True) for n, p in self.space.detached().items()}
+            out = self.risk.function()(params, x)
+            loss = self.risk.loss(out, y)
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
             outs = [
                 torch.autograd.grad(grads, list(params.values()), [v[j] for v in V], retain_graph=j < k - 1)
                 for j in range(k)
             ]
-        return [torch.stack([o[i] for o in outs]) for i in range(len(V))], loss.detach()
+        return ([torch.stack([o[i] for o in outs]) for i in range(len(V))], loss.detach(),
+                self.risk.weight(out, y))
 
 
-def hessian(model, loss_fn, data, params=None, **kw: Any) -> HessianOperator:
+def hessian(model: nn.Module, loss_fn: Any, data: Any, params: ParamSpec = None, *, method: Method = "auto",
+            mode: Mode = "eval", reduction: str | None = None, output: Any = None, max_batch: int | None = None,
+            distributed: bool | None = None, cuda_graphs: bool | None = None) -> HessianOperator:
     """The Hessian of ``loss_fn(model(inputs), targets)`` over ``data`` as a matrix-free operator.
 
     Cost to build: one pass over the data's batches without the model (to count and check
-    them) and one forward on the first batch (to check the loss). See :class:`HessianOperator`.
+    them) and one forward on the first batch (to check the loss). See :class:`HessianOperator`
+    for the product's cost and :class:`~curvkit.operators.base.CurvatureOperator` for the options.
     """
-    return HessianOperator(model, loss_fn, data, params, **kw)
+    return HessianOperator(model, loss_fn, data, params, method=method, mode=mode, reduction=reduction,
+                           output=output, max_batch=max_batch, distributed=distributed, cuda_graphs=cuda_graphs)

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ArgumentError, LossError, ModelError
-from ..linalg._util import generator
+from ..seeding import generator
 from ..linalg.diagonal import hutchinson_samples
-from ..operators.base import FunctionOperator
+from ..linear_operator import FunctionOperator
 from ._base import (CurvkitOptimizer, all_finite, check_betas, check_number, check_positive_int,
                     raise_non_finite, state_dtype)
 

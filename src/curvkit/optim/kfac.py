@@ -2,7 +2,7 @@ r"""K-FAC (Martens & Grosse 2015) as a ``torch.optim.Optimizer`` driven by the p
 ``opt.zero_grad(); loss.backward(); opt.step()``.
 
 The factors come from :mod:`curvkit.approx.kronecker`, the same core as ``ck.kfac``: with
-``fisher_type="empirical"`` on one batch of a model whose layers see one row per example and a
+``kind="empirical"`` on one batch of a model whose layers see one row per example and a
 loss that averages over the examples, ``ck.kfac(...).inverse(damping)`` applied to the gradient
 is exactly this optimizer's first preconditioned direction (``kl_clip=None``).
 """
@@ -16,10 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..approx.kronecker import (activation_factor, gradient_factor, input_rows, kron_eigen,
-                                kron_layers, kron_solve, output_rows, weight_shared_error)
+from ..approx.kronecker import activation_factor, gradient_factor, input_rows, kron_eigen, kron_layers, kron_solve, output_rows
 from ..errors import ModelError
-from ..operators._params import resolve_params
+from ..model import LayerHooks, resolve_params
 from ._base import CurvkitOptimizer, all_finite, check_number, check_positive_int, raise_non_finite, state_dtype
 
 _HINT = "Train that layer with another optimizer: pass KFAC(model, params=...) without its parameters"
@@ -57,7 +56,7 @@ class KFAC(CurvkitOptimizer):
     diverges in a few steps; ``params`` (a ``ck`` parameter spec: names, a regex, a
     predicate, tensors) restricts what this optimizer trains. ``G`` assumes the loss averages
     over examples (as cross-entropy does); a loss that also averages over outputs (``MSELoss``
-    over ``d`` outputs) gives ``G / d`` relative to ``ck.kfac(..., fisher_type="empirical")``,
+    over ``d`` outputs) gives ``G / d`` relative to ``ck.kfac(..., kind="empirical")``,
     layers applied at ``S`` positions per example (sequences) give ``G / S``, and a loss divided
     by ``k`` for gradient accumulation gives ``G / k^2``: each only rescales the effective
     damping (and the KL clip). Under fp16 ``GradScaler`` the hooks see scaled gradients, so ``G``
@@ -108,38 +107,26 @@ class KFAC(CurvkitOptimizer):
         self.kl_clip = kl_clip
         self.layers, left = kron_layers(model, named)
         by_name = dict(named)
-        self._lparams = [[by_name[n] for n in layer.params] for layer in self.layers]
+        self._lparams = [[by_name[n] for n in layer.kron_params()] for layer in self.layers]
+        self._index = {layer.name: i for i, layer in enumerate(self.layers)}
         self.fallback = [n for n, _ in left]  # parameter names updated by SGD with momentum
         self._step = 0
         self._sums: dict[int, list] = {}  # layer index -> [A sum, G sum, count] of this step
-        self._seen: set[int] = set()
         self._collect = True
         ref = weakref.ref(self)
-        self._handles = [model.register_forward_pre_hook(_reset_hook(ref))]
-        self._handles += [layer.module.register_forward_hook(_forward_hook(ref, i))
-                          for i, layer in enumerate(self.layers)]
+        self._hooks = LayerHooks(self.layers, root=model, on_grad=_on_grad(ref), enabled=_enabled(ref),
+                                 hint=_HINT).attach()
 
     # hooks -----------------------------------------------------------------------------
     def remove_hooks(self) -> None:
         """Detach the optimizer from the model (after this, ``step`` preconditions with the
         factors it has and collects no new ones)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._hooks.remove()
 
     def __del__(self) -> None:
-        if getattr(self, "_handles", None):
-            self.remove_hooks()
-
-    def _record(self, i: int, module: nn.Module, x: Tensor, out: Tensor) -> None:
-        if not self._collect or not torch.is_grad_enabled() or not isinstance(out, Tensor) or not out.requires_grad:
-            return
-        if id(module) in self._seen:
-            raise weight_shared_error(self.layers[i].name, _HINT)
-        self._seen.add(id(module))
-        x = x.detach()
-        ref = weakref.ref(self)
-        out.register_hook(_backward_hook(ref, i, x))
+        hooks = getattr(self, "_hooks", None)
+        if hooks is not None:
+            hooks.remove()
 
     def _accumulate(self, i: int, x: Tensor, g: Tensor) -> None:
         module = self.layers[i].module
@@ -158,7 +145,7 @@ class KFAC(CurvkitOptimizer):
         """torch's ``zero_grad``, and the factor statistics of a backward whose step never came
         (e.g. one that ``GradScaler`` skipped for an overflow) are dropped with the gradients."""
         self._sums.clear()
-        self._seen.clear()
+        self._hooks.clear()
         super().zero_grad(set_to_none=set_to_none)
 
     # the step --------------------------------------------------------------------------
@@ -207,7 +194,7 @@ class KFAC(CurvkitOptimizer):
             self._update(self._new_factors() if self._collect else {})
         finally:
             self._sums.clear()
-            self._seen.clear()
+            self._hooks.clear()
         return loss
 
     def _update(self, new: dict[int, tuple[Tensor, Tensor]]) -> None:
@@ -278,29 +265,20 @@ class KFAC(CurvkitOptimizer):
         self._collect = self._due() or any("kfac_A" not in self._layer_state(i) for i in range(len(self.layers)))
 
 
-def _reset_hook(ref: weakref.ref):
-    """A new forward of the whole model: layers may be called once again (hooks hold only a weakref)."""
-    def hook(*_: Any) -> None:
+def _on_grad(ref: weakref.ref):
+    """The backward's gradient at a layer's output (hooks hold only a weakref to the optimizer)."""
+    def fn(layer, x: Tensor, g: Tensor) -> None:
         opt = ref()
         if opt is not None:
-            opt._seen.clear()
-    return hook
+            opt._accumulate(opt._index[layer.name], x, g)
+    return fn
 
 
-def _backward_hook(ref: weakref.ref, i: int, x: Tensor):
-    def hook(g: Tensor) -> None:
+def _enabled(ref: weakref.ref):
+    def fn() -> bool:
         opt = ref()
-        if opt is not None:
-            opt._accumulate(i, x, g)
-    return hook
-
-
-def _forward_hook(ref: weakref.ref, i: int):
-    def hook(module: nn.Module, inputs: tuple, out: Any) -> None:
-        opt = ref()
-        if opt is not None and inputs and isinstance(inputs[0], Tensor):
-            opt._record(i, module, inputs[0], out)
-    return hook
+        return opt is not None and opt._collect
+    return fn
 
 
 def _all_reduce_sum(stats: list[list[Tensor]]) -> None:

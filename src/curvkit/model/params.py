@@ -1,4 +1,10 @@
-"""Choosing parameters and converting between flat vectors and per-parameter tensors."""
+"""Choosing parameters, and the vector space flat vectors live in.
+
+A :class:`VectorSpace` is a list of named tensor shapes with one dtype and device: a flat
+vector ``(n,)`` or block ``(n, k)`` is their concatenation. :class:`ParamSpace` is the space of
+a model's chosen parameters (what the curvature operators act on); an operator over a model's
+*inputs* uses a plain :class:`VectorSpace` over the input shapes, with the same helpers.
+"""
 
 from __future__ import annotations
 
@@ -86,6 +92,64 @@ def _names(named: Sequence[tuple[str, Tensor]], limit: int = 12) -> str:
     names = [n for n, _ in named]
     more = f", ... ({len(names)} in all)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+class VectorSpace:
+    """Named blocks of given shapes, flattened into one vector in order (one dtype, one device)."""
+
+    def __init__(self, names: Sequence[str], shapes: Sequence[torch.Size], dtype: torch.dtype,
+                 device: torch.device | str):
+        self.names, self.shapes = list(names), [torch.Size(s) for s in shapes]
+        self.dtype, self.device = dtype, torch.device(device)
+        self.sizes = [s.numel() for s in self.shapes]
+        self.dim = sum(self.sizes)
+
+    def split(self, v: Tensor) -> list[Tensor]:
+        """Flat vector (n,) or block (n, k) -> per-block views (shape ``(*shape[, k])``)."""
+        return unflatten(v, self.shapes)
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Per-block tensors (e.g. gradients) -> one flat vector in this space's order."""
+        if len(tensors) != len(self.shapes) or any(t.shape != s for t, s in zip(tensors, self.shapes)):
+            raise ShapeError(
+                f"expected {len(self.shapes)} tensors of shapes {[tuple(s) for s in self.shapes]}, got "
+                f"{[tuple(t.shape) for t in tensors]}"
+            )
+        return flatten(tensors)
+
+    def probes(self, V: Tensor) -> list[Tensor]:
+        """A block (n, k) -> per-block tensors with the probe dimension first, ``(k, *shape)``."""
+        return [t.movedim(-1, 0).contiguous() for t in self.split(V)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.names)} blocks, n={self.dim}, {self.dtype}, {self.device})"
+
+
+class ParamSpace(VectorSpace):
+    """The chosen parameters of a model (:func:`resolve_params`), in the model's order.
+
+    Holds the live parameter tensors, so anything built on it measures the current weights.
+    """
+
+    def __init__(self, model: nn.Module, params: ParamSpec = None,
+                 named: Sequence[tuple[str, Tensor]] | None = None):
+        self.model = model
+        self.named = list(named) if named is not None else resolve_params(model, params)
+        p0 = self.named[0][1]
+        super().__init__([n for n, _ in self.named], [p.shape for _, p in self.named], p0.dtype, p0.device)
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        return [p for _, p in self.named]
+
+    def detached(self) -> dict[str, Tensor]:
+        """``{name: parameter.detach()}``: the values a functional call differentiates."""
+        return {n: p.detach() for n, p in self.named}
+
+    def restrict(self, names: Sequence[str]) -> ParamSpace:
+        """The sub-space of some of these parameters (in this space's order)."""
+        keep = set(names)
+        return ParamSpace(self.model, named=[(n, p) for n, p in self.named if n in keep])
 
 
 def flatten(tensors: Sequence[Tensor]) -> Tensor:

@@ -1,4 +1,9 @@
-"""The data an operator loops over: one ``(inputs, targets)`` batch or an iterable of them."""
+"""The data a curvature computation loops over: one ``(inputs, targets)`` batch or an iterable of
+them, re-iterated on every pass and checked to be the same every time.
+
+Inputs may be a tensor or any nest of tuples, lists and dicts of tensors (a transformers batch);
+their first dimension is the batch, which is what :func:`split_batch` cuts into micro-batches.
+"""
 
 from __future__ import annotations
 
@@ -66,6 +71,12 @@ class Batches:
             x, y = batch
             if not isinstance(y, Tensor):
                 raise DataError(f"batch {i}: targets must be a tensor, got {type(y).__name__}")
+            devices = {t.device for t in tensors_of(x)} | {y.device}
+            if len(devices) > 1:
+                raise DataError(
+                    f"batch {i}: inputs and targets are on different devices ({', '.join(sorted(map(str, devices)))}); "
+                    "move both to the model's device, e.g. (x.to(device), y.to(device))"
+                )
             yield x, y
 
     def __iter__(self) -> Iterator[tuple[int, Any, Tensor]]:
@@ -91,16 +102,46 @@ class Batches:
     def first(self) -> tuple[Any, Tensor]:
         for x, y in self._checked():
             return x, y
-        raise DataError("data is empty: it holds no batch")
+        raise DataError(_CHANGED.format(i=0) + " (this pass yielded no batch at all)")
+
+
+def tensors_of(x: Any) -> list[Tensor]:
+    """The tensors of a nest of tuples, lists and dicts (in order)."""
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in tensors_of(v)]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in tensors_of(v)]
+    return []
+
+
+def split_batch(x: Any, y: Tensor, size: int) -> list[tuple[Any, Tensor]]:
+    """Consecutive micro-batches of at most ``size`` examples, cutting every tensor of the
+    inputs along its first dimension (non-tensor leaves are shared). Views: no copy."""
+    n = int(y.shape[0])
+    return [(_slice(x, i, i + size), y[i : i + size]) for i in range(0, n, size)]
+
+
+def _slice(x: Any, a: int, b: int) -> Any:
+    if isinstance(x, Tensor):
+        return x[a:b]
+    if isinstance(x, dict):
+        return type(x)((k, _slice(v, a, b)) for k, v in x.items())
+    if isinstance(x, (tuple, list)):
+        return type(x)(_slice(v, a, b) for v in x)
+    return x
 
 
 def batch_size(x: Any, y: Tensor, i: int) -> int:
     n = int(y.shape[0]) if y.dim() > 0 else 0
-    if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] != n):
-        raise DataError(
-            f"batch {i}: inputs have {x.shape[0] if x.dim() else 0} examples but targets {n}; "
-            "the first dimension of both must be the batch"
-        )
+    for t in tensors_of(x):
+        if t.dim() == 0 or t.shape[0] != n:
+            what = "inputs have" if t is x else "an input tensor has"
+            raise DataError(
+                f"batch {i}: {what} {t.shape[0] if t.dim() else 0} examples but targets {n}; the first "
+                "dimension of every input tensor and of the targets must be the batch"
+            )
     if n == 0:
         raise DataError(f"batch {i} is empty (0 examples); drop empty batches from the data")
     return n
@@ -112,8 +153,8 @@ def fingerprint(x: Any, y: Tensor) -> Tensor:
         flat = y.reshape(y.shape[0], -1).to(torch.float64)
         pos = torch.arange(1, flat.shape[0] + 1, dtype=torch.float64, device=flat.device)
         fp = (flat.sum(1) * pos).sum()
-        if isinstance(x, Tensor) and x.is_floating_point():
-            head = x.reshape(x.shape[0], -1)[:, :16].to(torch.float64)
+        for t in tensors_of(x):
+            head = t.reshape(t.shape[0], -1)[:, :16].to(torch.float64)
             fp = fp + (head.sum(1) * pos).sum()
         return fp
 

@@ -1,0 +1,429 @@
+r"""The one data loop: the loss over all the data, ``L = sum_b w_b L_b / sum_b w_b``.
+
+Every curvature product, the gradient, K-FAC's factors, the report's evaluation and the monitor
+pass over the data through :meth:`Risk.accumulate`, which owns, once:
+
+- **weights**: batch ``b`` counts ``w_b`` = its loss terms for a "mean" loss (examples, or the
+  tokens that are not ``ignore_index``: :mod:`curvkit.model.losses`), 1 for a "sum" loss, so
+  batching the same data differently never changes a result;
+- **finiteness**: a NaN/inf loss is reported with the batch it came from, never averaged in;
+- **mode**: the model runs in eval mode unless ``mode="train"`` (refused with active dropout);
+- **determinism**: every pass must see the same batches (:class:`~curvkit.model.data.Batches`);
+- **micro-batching**: ``max_batch=m`` cuts larger batches into pieces of at most ``m`` examples
+  (weighted by their own terms, so the result is the same); a CUDA out-of-memory error on a
+  batch halves the pieces until they fit, with one warning naming the size that did;
+- **distribution**: under ``torch.distributed`` each rank passes its own shard of the data and
+  every rank gets the sum over all ranks, from ONE all-reduce per pass (of the weighted sums, the
+  weights, the loss and a few checks). Ranks that disagree (parameter counts, the vectors
+  multiplied) are refused with a clear message instead of being silently averaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..errors import (ArgumentError, DataError, FallbackWarning, LossError, ModelError, NonFiniteError,
+                      TooLargeError)
+from .data import Batches, split_batch, tensors_of
+from .losses import LossSpec, loss_spec
+from .params import ParamSpace, ParamSpec
+
+Mode = Literal["eval", "train"]
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+Output = "str | int | Callable[[Any], Tensor] | None"
+# (per-batch sums already weighted, the batch's loss, its weight)
+BatchFn = Callable[[Any, Tensor, int], tuple[list[Tensor], Tensor, Any]]
+
+
+@dataclass
+class Totals:
+    """What one pass over the data returns: the weighted sums (over every batch of every rank),
+    the total weight, the number of examples and the loss over all the data."""
+
+    sums: list[Tensor]
+    weight: float
+    examples: int
+    loss: float
+    reduction: str
+
+    def mean(self, t: Tensor) -> Tensor:
+        """``t / total weight`` for a "mean" loss, ``t`` for a "sum" loss."""
+        return t / self.weight if self.reduction == "mean" else t
+
+
+class Risk:
+    """The loss of ``model`` on ``data`` with ``loss_fn``, and the loop over its batches.
+
+    Args:
+        model: the network (a ``DistributedDataParallel`` wrapper is looked through).
+        loss_fn: ``loss_fn(model(inputs), targets)`` returns a scalar: a torch loss module, a
+            function, or a :class:`~curvkit.model.losses.LossSpec`.
+        data: one ``(inputs, targets)`` batch or an iterable of them, re-iterated on every pass.
+            Inputs that are a dict are passed as keyword arguments (``model(**inputs)``).
+        params: the parameters differentiated (:func:`~curvkit.model.params.resolve_params`).
+        mode: "eval" (default) or "train" (BatchNorm batch statistics; refused with dropout).
+        reduction: what a loss without a ``reduction`` attribute does ("mean" by default).
+        output: which part of the model's output the loss sees: a key (``"logits"`` of a
+            transformers ``ModelOutput``), an index, or a callable; ``None`` passes it as is.
+        max_batch: the most examples one forward/backward sees (larger batches are cut).
+        distributed: sum over the ranks of the default process group (``None``: when one is
+            initialised with more than one rank; ``False``: never).
+
+    Cost to build: one pass over the batches without the model (to count and check them) and
+    one forward on the first batch (to check the loss and learn its terms).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Any, data: Any, params: ParamSpec = None, *,
+                 mode: Mode = "eval", reduction: str | None = None, output: Any = None,
+                 max_batch: int | None = None, distributed: bool | None = None,
+                 space: ParamSpace | None = None, spec: LossSpec | None = None):
+        if mode not in ("eval", "train"):
+            raise ModelError(f"mode must be 'eval' or 'train', got {mode!r}")
+        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+            raise ArgumentError(f"max_batch must be a positive integer or None, got {max_batch!r}")
+        if isinstance(loss_fn, type):
+            raise LossError(f"loss_fn is the class {loss_fn.__name__}, not a loss; pass an instance: "
+                            f"{loss_fn.__name__}()")
+        if not callable(loss_fn):
+            raise LossError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
+        model = _unwrap(model)
+        self.model, self.loss_fn, self.mode, self.output = model, loss_fn, mode, output
+        self.max_batch = max_batch
+        self.space = space if space is not None else ParamSpace(model, params)
+        if mode == "train":
+            refuse_active_dropout(model)
+        self.batches = data if isinstance(data, Batches) else Batches(data)
+        self.group = _process_group(distributed)
+        if spec is None:
+            out, y = self._validate()
+            spec = loss_spec(loss_fn, out, y, reduction)
+        self.spec = spec
+        self.reduction = spec.reduction
+        if self.group is not None:
+            self._agree("parameter count", float(self.space.dim))
+
+    # the model as a function ------------------------------------------------------------
+    def function(self) -> Callable[[dict[str, Tensor], Any], Any]:
+        """``f(params, inputs)``: the model's (picked) output as a pure function of the chosen
+        parameters; the others and the buffers are the model's current ones."""
+        chosen = set(self.space.names)
+        frozen = {n: p.detach() for n, p in self.model.named_parameters() if n not in chosen}
+        buffers = dict(self.model.named_buffers())
+        train, model, pick = self.mode == "train", self.model, self.pick
+
+        def f(params: dict[str, Tensor], x: Any) -> Any:
+            # BatchNorm in train mode updates running stats in place: on fresh copies made inside
+            # the function, so the model's stay intact and torch.func transforms (which refuse to
+            # mutate a captured tensor) can differentiate it
+            bufs = {n: b.clone() for n, b in buffers.items()} if train else buffers
+            args, kwargs = ((), dict(x)) if isinstance(x, Mapping) else ((x,), {})
+            return pick(functional_call(model, (params, frozen, bufs), args, kwargs))
+
+        return f
+
+    def pick(self, out: Any) -> Any:
+        """The part of the model's output that the loss sees (``output=``)."""
+        sel = self.output
+        if sel is None:
+            return out
+        if callable(sel):
+            return sel(out)
+        try:
+            return out[sel]
+        except (KeyError, IndexError, TypeError) as e:
+            keys = list(out.keys()) if isinstance(out, Mapping) else f"{type(out).__name__}"
+            raise ModelError(f"output={sel!r} does not select anything from the model's output ({keys}); "
+                             "pass a key or index it has, or a callable") from e
+
+    def loss(self, out: Any, y: Tensor) -> Tensor:
+        """The batch loss (the spec computes what ``loss_fn`` computes)."""
+        return self.spec(out, y)
+
+    def weight(self, out: Tensor, y: Tensor) -> Tensor | float:
+        """A batch's weight: its terms for a "mean" loss, 1 for a "sum"."""
+        return self.spec.weight(out, y)
+
+    def in_mode(self) -> contextlib.AbstractContextManager:
+        return model_mode(self.model, train=self.mode == "train")
+
+    # the loop ---------------------------------------------------------------------------
+    def pieces(self) -> Iterator[tuple[int, Any, Tensor]]:
+        """``(batch index, inputs, targets)`` for every micro-batch of one pass (``max_batch``)."""
+        for i, x, y in self.batches:
+            if self.max_batch is not None and y.shape[0] > self.max_batch:
+                for xs, ys in split_batch(x, y, self.max_batch):
+                    yield i, xs, ys
+            else:
+                yield i, x, y
+
+    def accumulate(self, fn: BatchFn, check: Tensor | None = None, what: str = "curvature product") -> Totals:
+        """One pass over the data: ``sum_b fn(batch b)``.
+
+        ``fn(inputs, targets, index)`` returns ``(sums, loss, weight)``: the batch's contributions
+        already multiplied by its weight, its loss and its weight (:meth:`weight`). Returns the
+        sums over every batch (and rank), the total weight, the examples and the loss over all the
+        data; raises :class:`NonFiniteError` naming the batch of a NaN/inf loss and on NaN/inf
+        sums. ``check``: a few numbers that must be equal on every rank (e.g. statistics of the
+        vectors multiplied), compared in the same all-reduce. Cost: one pass, each batch one
+        call of ``fn``; one all-reduce when distributed; one host sync at the end.
+        """
+        sums: list[Tensor] | None = None
+        losses: list[Tensor] = []  # each batch's loss, for the error that names a bad one
+        weighted: list[Tensor] = []
+        where: list[int] = []
+        weight: Any = 0.0
+        examples = 0
+        with self.in_mode():
+            for i, x, y in self._pieces_fitting():
+                parts, loss, w = self._fit(fn, x, y, i)
+                sums = [p.clone() for p in parts] if sums is None else [s.add_(p) for s, p in zip(sums, parts)]
+                weight = weight + w
+                examples += int(y.shape[0])
+                losses.append(loss.detach().reshape(()).to(torch.float64))
+                weighted.append(losses[-1] * w)
+                where.append(i)
+        assert sums is not None  # Batches guarantees a batch
+        loss_t = torch.stack(losses)
+        bad_local = ~torch.isfinite(loss_t)
+        stats = [torch.stack(weighted).nansum().reshape(1), torch.as_tensor(weight, dtype=torch.float64, device=loss_t.device).reshape(1),
+                 torch.tensor([float(examples)], dtype=torch.float64, device=loss_t.device),
+                 bad_local.sum().reshape(1).to(torch.float64)]
+        if self.group is not None:
+            sums, stats = self._all_reduce(sums, stats, check)
+        loss_sum, total_w, n, bad = (float(s) for s in stats)
+        if bad:
+            if bool(bad_local.any()):
+                j = int(bad_local.nonzero()[0, 0])
+                raise NonFiniteError(
+                    f"the loss is {float(loss_t[j])} on batch {where[j]}"
+                    f"{self._rank_text()}; the curvature of a non-finite loss is meaningless. Check that "
+                    "batch's inputs and the model's parameters for NaN/inf"
+                )
+            raise NonFiniteError("another rank met a NaN/inf loss (see its error); nothing was averaged in")
+        if not all(bool(torch.isfinite(s).all()) for s in sums):
+            raise NonFiniteError(
+                f"a {what} is NaN or inf although every loss is finite (overflow in the second "
+                "derivatives?); try float64 (model.double()) or check the probes for NaN/inf"
+            )
+        mean = self.reduction == "mean"
+        if mean and total_w == 0:
+            raise LossError("the loss has no terms in the data (every target is ignore_index?); there is "
+                            "nothing to take the curvature of")
+        return Totals(sums, total_w, int(n), loss_sum / total_w if mean else loss_sum, self.reduction)
+
+    def _pieces_fitting(self) -> Iterator[tuple[int, Any, Tensor]]:
+        return self.pieces()
+
+    def _fit(self, fn: BatchFn, x: Any, y: Tensor, i: int) -> tuple[list[Tensor], Tensor, Any]:
+        """``fn`` on one batch; on a CUDA out-of-memory error, on halves of it until they fit
+        (then every later batch is cut to that size: ``max_batch``), warning once."""
+        try:
+            return fn(x, y, i)
+        except _OOM:
+            pass
+        b = int(y.shape[0])
+        if b == 1:
+            raise TooLargeError(
+                f"one example of batch {i} does not fit in device memory for this {type(self).__name__} pass; "
+                "use a smaller model, lower precision, or the CPU"
+            ) from None
+        torch.cuda.empty_cache()
+        self.max_batch = max(1, math.ceil(b / 2)) if self.max_batch is None else max(1, min(self.max_batch, b) // 2)
+        warnings.warn(
+            f"batch {i} ({b} examples) did not fit in device memory; passing the data in micro-batches of "
+            f"{self.max_batch} from now on (pass max_batch={self.max_batch} to start there)",
+            FallbackWarning, stacklevel=4,
+        )
+        total: list[Tensor] | None = None
+        loss: Any = 0.0
+        weight: Any = 0.0
+        for xs, ys in split_batch(x, y, self.max_batch):
+            parts, l_, w = self._fit(fn, xs, ys, i)
+            total = parts if total is None else [t + p for t, p in zip(total, parts)]
+            loss, weight = loss + l_.detach() * w, weight + w
+        return total, loss / weight, weight
+
+    def loss_and_gradient(self, on_batch: Callable[[Any, Tensor], None] | None = None) -> tuple[float, Tensor]:
+        """The loss over all the data and its gradient (flat, in the space's order), batches
+        weighted as in every curvature product. ``on_batch(outputs, targets)`` sees each batch's
+        detached outputs (e.g. to count correct predictions).
+
+        Cost: one forward and one backward pass over the data.
+        """
+        f = self.function()
+
+        def batch(x: Any, y: Tensor, _: int):
+            with torch.enable_grad():
+                params = {n: p.requires_grad_(True) for n, p in self.space.detached().items()}
+                out = f(params, x)
+                value = self.loss(out, y)
+                g = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+            w = self.weight(out, y)
+            flat = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
+                              for gi, p in zip(g, params.values())])
+            if on_batch is not None:
+                on_batch(out.detach() if isinstance(out, Tensor) else out, y)
+            return [flat * w], value.detach(), w
+
+        totals = self.accumulate(batch, what="gradient")
+        return totals.loss, totals.mean(totals.sums[0])
+
+    # checks -----------------------------------------------------------------------------
+    def _validate(self) -> tuple[Any, Tensor]:
+        """One forward on the first batch: the loss must be a finite scalar tensor. Returns that
+        batch's (detached) outputs and targets."""
+        x, y = self.batches.first()
+        dev = self.space.device
+        for t in tensors_of(x) + [y]:
+            if t.device.type != dev.type:
+                raise DataError(
+                    f"batch 0 is on {t.device} but the model's parameters on {dev}; move the data to the "
+                    f"model's device (x.to('{dev}'), y.to('{dev}')) or the model to the data's"
+                )
+        with self.in_mode(), torch.no_grad():
+            try:
+                out = self.function()(self.space.detached(), x)
+            except ModelError:
+                raise
+            except (TypeError, ValueError, RuntimeError, IndexError) as e:
+                raise ModelError(
+                    f"the model raised {type(e).__name__} on the inputs of batch 0: {e}. Check that "
+                    "model(inputs) runs on each batch's inputs as given (a dict of inputs is passed as "
+                    "keyword arguments)"
+                ) from e
+            try:
+                loss = self.loss_fn(out, y)
+            except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+                raise LossError(
+                    f"loss_fn(model(inputs), targets) raised {type(e).__name__} on batch 0: {e}. Check "
+                    f"that the model returns what loss_fn expects (it returned {type(out).__name__}"
+                    f"{output_hint(out)}) and that the targets have the dtype and shape the loss needs"
+                ) from e
+        if not isinstance(loss, Tensor):
+            raise LossError(f"loss_fn returned {type(loss).__name__}; it must return a scalar tensor")
+        if loss.numel() != 1 or loss.dim() > 1:
+            raise LossError(
+                f"loss_fn returned a tensor of shape {tuple(loss.shape)}; it must return a scalar "
+                "(use reduction='mean' or 'sum', or .mean() the per-example losses)"
+            )
+        if not math.isfinite(float(loss)):
+            raise NonFiniteError(
+                f"the loss is {float(loss)} on batch 0; check the inputs and the model's parameters for NaN/inf"
+            )
+        return out, y
+
+    # distributed ------------------------------------------------------------------------
+    @property
+    def world(self) -> int:
+        return 1 if self.group is None else dist.get_world_size(self.group)
+
+    def _rank_text(self) -> str:
+        return "" if self.group is None else f" of rank {dist.get_rank(self.group)}"
+
+    def _agree(self, what: str, value: float) -> None:
+        """Refuse ranks that hold different ``value`` (one all-reduce of ``[v, v^2]``)."""
+        t = torch.tensor([value, value * value, 1.0], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, group=self.group)
+        if not _all_equal(t[0], t[1], t[2]):
+            raise ModelError(
+                f"the ranks disagree on the {what} (this rank has {value:g}): every rank must build the "
+                "same model and choose the same parameters; only the data differs between ranks"
+            )
+
+    def _comm_device(self) -> torch.device:
+        return torch.device("cpu") if dist.get_backend(self.group) == "gloo" else self.space.device
+
+    def _all_reduce(self, sums: list[Tensor], stats: list[Tensor], check: Tensor | None):
+        dev = self._comm_device()
+        acc = sums[0].dtype
+        flat = torch.cat([s.reshape(-1).to(acc) for s in sums])
+        extra = torch.cat(stats).to(acc)
+        if check is not None:
+            c = check.detach().reshape(-1).to(torch.float64)
+            extra = torch.cat([extra, torch.stack([c, c * c], 1).reshape(-1).to(acc),
+                               torch.ones(1, dtype=acc, device=extra.device)])
+        buf = torch.cat([flat.to(dev), extra.to(dev)])
+        dist.all_reduce(buf, group=self.group)
+        flat, extra = buf[: flat.numel()].to(sums[0].device), buf[flat.numel():].to(torch.float64)
+        if check is not None:
+            c, W = extra[4:-1].reshape(-1, 2), extra[-1]
+            tol = 1e-9 if acc == torch.float64 else 1e-4
+            if not all(_all_equal(s, s2, W, tol) for s, s2 in c):
+                raise ArgumentError(
+                    "the ranks multiplied different vectors: every rank must call the same algorithm with "
+                    "the same vectors (pass the same seed= on every rank; seed=None draws fresh entropy "
+                    "in each process)"
+                )
+        out, i = [], 0
+        for s in sums:
+            out.append(flat[i : i + s.numel()].view_as(s).to(s.dtype))
+            i += s.numel()
+        return out, [extra[j] for j in range(4)]
+
+
+def output_hint(out: Any) -> str:
+    """For a model that returned a dict or tuple: how to pick the tensor the loss needs."""
+    if isinstance(out, Tensor) or not isinstance(out, (Mapping, tuple, list)):
+        return ""
+    if isinstance(out, Mapping):
+        key = "'logits'" if "logits" in out else repr(next(iter(out), "key"))
+        return f" with keys {list(out.keys())}; pass output={key} to give the loss that part"
+    return f" of {len(out)}; pass output=0 (or the index of the logits) to give the loss that part"
+
+
+def _all_equal(s: Tensor, s2: Tensor, W: Tensor, tol: float = 1e-9) -> bool:
+    """Sum ``s`` and sum of squares ``s2`` of ``W`` numbers: all equal iff ``W s2 = s^2``."""
+    s, s2, W = float(s), float(s2), float(W)
+    return abs(W * s2 - s * s) <= tol * max(W * s2, 1e-300)
+
+
+def _process_group(distributed: bool | None):
+    if distributed is False:
+        return None
+    on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise ArgumentError("distributed=True needs an initialised process group (torch.distributed.init_process_group)")
+    return dist.group.WORLD if on else None
+
+
+def _unwrap(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
+
+
+@contextlib.contextmanager
+def model_mode(model: nn.Module, train: bool = False) -> Iterator[None]:
+    """Run ``model`` in train or eval mode, then restore every module's own flag."""
+    was = {m: m.training for m in model.modules()}
+    model.train(train)
+    try:
+        yield
+    finally:
+        for m, t in was.items():
+            m.training = t
+
+
+def refuse_active_dropout(model: nn.Module) -> None:
+    """ModelError for a model with dropout: in train mode every pass draws a new mask."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            raise ModelError(
+                f"module {name!r} is dropout (p={m.p}); in train mode it draws a new mask on every "
+                "pass, so the curvature would not be one matrix. Use mode='eval' (the default)"
+            )
+
+
+__all__ = ["Risk", "Totals", "model_mode", "refuse_active_dropout", "output_hint"]
