@@ -15,15 +15,6 @@ from curvkit.analyze import schema
 from ._schema import png_size, validate
 
 
-@pytest.fixture(autouse=True, scope="module")  # module scope: it must precede the module's fixtures
-def _one_thread():
-    """Small models: extra threads only add contention on a busy CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def least_squares():
     """Linear regression with MSE: H = 2/N [X 1]^T [X 1], computed densely; spread column scales

@@ -11,13 +11,8 @@ D = torch.float64
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
-    torch.set_num_threads(threads)
+def _seeded():
+    torch.manual_seed(0)  # inside the root conftest's fork_rng
 
 
 def _mlp():

@@ -26,15 +26,7 @@ from benchmarks.optim.optimizers import SPECS  # noqa: E402
 from benchmarks.optim.workloads import WORKLOADS  # noqa: E402
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_quick_mode_runs_every_workload(tmp_path, one_thread):
+def test_quick_mode_runs_every_workload(tmp_path):
     optimizers = ["adamw", "adahessian", "sophia_h", "sophia_gnb", "kfac", "shampoo", "soap", "muon"]
     res = harness.run(list(WORKLOADS), optimizers, device="cpu", quick=True, out=tmp_path, log=lambda *a, **k: None)
 

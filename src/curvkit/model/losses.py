@@ -247,10 +247,9 @@ class CrossEntropy(LossSpec):
         return self._back(s * self._c1(out).softmax(dim=1) - q, out)
 
     def sample(self, out: Tensor, gen: torch.Generator) -> Tensor:
-        o = self._c1(out.detach())
-        p = o.softmax(dim=1).movedim(1, -1).reshape(-1, o.shape[1])
-        idx = torch.multinomial(p.to(torch.float64), 1, generator=gen).reshape(-1)
-        return idx.reshape(o.shape[:1] + o.shape[2:])
+        """Class indices drawn from ``softmax(out)`` by inverse CDF, from uniforms drawn on the
+        generator's device (a CPU generator gives the same samples on every device)."""
+        return _categorical(self._c1(out.detach()).softmax(dim=1), gen)
 
     def sampled_residuals(self, out: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
         """``sqrt(s) (p - onehot(sample))``: the likelihood is the softmax itself (no smoothing);
@@ -303,10 +302,7 @@ class NLL(CrossEntropy):
         return self._back(-q, out)
 
     def sample(self, out: Tensor, gen: torch.Generator) -> Tensor:
-        o = self._c1(out.detach())
-        p = o.exp().movedim(1, -1).reshape(-1, o.shape[1])
-        idx = torch.multinomial(p.to(torch.float64), 1, generator=gen).reshape(-1)
-        return idx.reshape(o.shape[:1] + o.shape[2:])
+        return _categorical(self._c1(out.detach()).exp(), gen)
 
     def sampled_residuals(self, out: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
         o = self._c1(out)
@@ -415,6 +411,16 @@ class BCEWithLogits(LossSpec):
         scale = self._scale(out, y)
         scale = scale.sqrt() if isinstance(scale, Tensor) else scale
         return scale * (out.sigmoid() - self.sample(out, gen))
+
+
+def _categorical(p: Tensor, gen: torch.Generator) -> Tensor:
+    """One class index per position from probabilities ``p (b, C, ...)`` (class dim 1), by
+    inverse CDF in float64: ``prod(p.shape) / C`` uniforms from ``gen``, moved to ``p``'s device."""
+    rows = p.movedim(1, -1).reshape(-1, p.shape[1]).to(torch.float64)
+    cdf = rows.cumsum(-1)
+    u = torch.rand(rows.shape[0], 1, generator=gen, dtype=torch.float64, device=gen.device).to(p.device)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp_max(p.shape[1] - 1)
+    return idx.reshape(p.shape[:1] + p.shape[2:])
 
 
 def _count_dtype(out: Tensor) -> torch.dtype:
