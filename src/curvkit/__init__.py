@@ -4,14 +4,16 @@ from . import errors
 from .analyze import analyze
 from .approx import kfac
 from .errors import CurvkitError
-from .linalg import diagonal, eigenvalues, power_iteration, solve, spectral_density, trace
-from .operators import fisher, ggn, hessian, identity_like
+from .linalg import diagonal, eigenvalues, inverse, power_iteration, solve, spectral_density, trace
+from .linear_operator import identity_like
+from .model import per_example_gradients
+from .operators import fisher, ggn, hessian
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "hessian", "ggn", "fisher", "identity_like", "kfac",
-    "eigenvalues", "trace", "diagonal", "spectral_density", "solve", "power_iteration",
+    "hessian", "ggn", "fisher", "identity_like", "kfac", "per_example_gradients",
+    "eigenvalues", "trace", "diagonal", "spectral_density", "solve", "inverse", "power_iteration",
     "analyze",
     "errors", "CurvkitError", "__version__",
 ]

@@ -219,7 +219,7 @@ def analyze(
         accuracy={"data": acc, "heldout": held["accuracy"]},
         hessian=_eig_section(eh, cost["Hessian top-k"]),
         ggn=_eig_section(eg, cost["GGN top-k"]),
-        trace={"value": tr.value, "stderr": tr.stderr, "method": tr.method, "probes": tr.probes,
+        trace={"value": tr.value, "stderr": tr.stderr, "method": tr.method, "probes": tr.probes, "samples": tr.samples,
                **cost["trace"]},
         density=density,
         layers=layer_rows,

@@ -3,7 +3,7 @@
 They know nothing of neural networks: each can be tested on a plain matrix.
 """
 
-from .cg import solve
+from .cg import InverseOperator, inverse, solve
 from .density import spectral_density
 from .diagonal import diagonal
 from .lanczos import eigenvalues
@@ -12,6 +12,6 @@ from .results import BlockResults, DensityResult, DiagonalResult, EigenResult, S
 from .trace import trace
 
 __all__ = [
-    "eigenvalues", "trace", "diagonal", "spectral_density", "solve", "power_iteration",
+    "eigenvalues", "trace", "diagonal", "spectral_density", "solve", "inverse", "InverseOperator", "power_iteration",
     "EigenResult", "TraceResult", "DiagonalResult", "DensityResult", "SolveResult", "BlockResults",
 ]

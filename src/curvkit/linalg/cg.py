@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..progress import progress as progress_bar
 from ..errors import ArgumentError, ConvergenceWarning, ShapeError
-from ..linear_operator import same_device
+from ..linear_operator import LinearOperator, same_device
 from ._util import apply, check_symmetric
 from .results import SolveResult
 
@@ -138,3 +138,40 @@ def solve(
             stacklevel=2,
         )
     return SolveResult(X[:, 0] if vector else X, residual, matvecs, converged, steps)
+
+
+class InverseOperator(LinearOperator):
+    """``(A + damping I)^{-1}`` as an operator: each product is a :func:`solve` (CG) of its columns.
+
+    ``last`` is the :class:`SolveResult` of the latest product (its residual, products and
+    convergence). Symmetric when ``A`` is. Cost of a product with ``V (n, k)``: one CG solve of k
+    columns, at most ``max_matvecs`` products of ``A`` (see :func:`solve`).
+    """
+
+    def __init__(self, A: Any, damping: float, tol: float, max_matvecs: int | None):
+        check_symmetric(A, "inverse (conjugate gradient)")
+        if not damping >= 0:
+            raise ArgumentError(f"damping must be >= 0, got {damping}")
+        self.A, self.damping, self.tol, self.max_matvecs = A, float(damping), tol, max_matvecs
+        self.shape, self.dtype, self.device = tuple(A.shape), A.dtype, A.device
+        self.last: SolveResult | None = None
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        self.last = solve(self.A, V, self.damping, self.tol, self.max_matvecs)
+        return self.last.x
+
+
+def inverse(A: Any, damping: float = 0.0, tol: float = 1e-6, max_matvecs: int | None = None) -> InverseOperator:
+    """``(A + damping I)^{-1}`` as a linear operator whose products run conjugate gradient: the
+    same as :func:`solve`, in a form that composes (``K @ v``, inside other algorithms).
+
+    Example:
+        >>> import torch, curvkit as ck
+        >>> A = torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+        >>> Ainv = ck.inverse(A, damping=0.0)
+        >>> Ainv @ torch.tensor([2.0, 4.0], dtype=torch.float64)
+        tensor([1., 1.], dtype=torch.float64)
+
+    Cost: nothing to build; each product is one CG solve (see :class:`InverseOperator`).
+    """
+    return InverseOperator(A, damping, tol, max_matvecs)

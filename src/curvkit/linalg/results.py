@@ -31,13 +31,15 @@ class EigenResult:
 
 @dataclass(frozen=True)
 class TraceResult:
-    """A trace estimate with its standard error (0 for an exact trace)."""
+    """A trace estimate with its standard error (0 for an exact trace); ``samples`` is the number
+    of random samples that standard error comes from (0 when exact)."""
 
     value: float
     stderr: float
     matvecs: int
     method: str = "hutchinson"
     probes: int = 0
+    samples: int = 0
 
 
 @dataclass(frozen=True)
