@@ -147,7 +147,7 @@ def _analyze(model_spec, data_spec, loss_spec, checkpoint, unsafe_pickle, params
     heldout = _move(heldout, device, torch_dtype) if heldout is not None else None
     sizes = dict(k=k, probes=probes)
     if fast:
-        sizes.update(probes=min(probes, 12), density_probes=3, density_iterations=30, max_products=200)
+        sizes.update(probes=min(probes, 12), density_probes=3, density_iterations=30, max_matvecs=200)
     report = run_analysis(
         model, loss_fn, batch_list, params=params, heldout=heldout, seed=seed, progress=show,
         description=description, settings={"command": "curvkit " + " ".join(sys.argv[1:]), "fast": fast},

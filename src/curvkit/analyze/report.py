@@ -103,7 +103,7 @@ def analyze(
     heldout: Any = None,
     tol: float = 1e-3,
     block_size: int = 4,
-    max_products: int = 400,
+    max_matvecs: int = 400,
     progress: bool | None = None,
     description: str | None = None,
     settings: dict | None = None,
@@ -116,9 +116,9 @@ def analyze(
     loss and accuracy.
 
     Cost, in operator products (columns) and passes over ``data``:
-    top-k Hessian and GGN eigenpairs, each at most ``max_products`` (block Lanczos, blocks of
+    top-k Hessian and GGN eigenpairs, each at most ``max_matvecs`` (block Lanczos, blocks of
     ``block_size``); the Hessian trace, ``probes`` (Hutch++); per-layer traces, ``probes`` per
-    layer; per-layer top eigenvalue, at most ``max_products`` per layer (typically ~30-60);
+    layer; per-layer top eigenvalue, at most ``max_matvecs`` per layer (typically ~30-60);
     the spectral density, ``density_probes * density_iterations``; plus one gradient pass over
     ``data`` and one forward pass over ``heldout``. Each block product is one pass over ``data``.
     The report's ``cost`` section records what was actually spent, and the seconds.
@@ -162,7 +162,7 @@ def analyze(
             if heldout is not None:
                 held = _evaluate(H, heldout)
 
-            lanczos = dict(tol=tol, seed=seed, block_size=block_size, max_matvecs=max_products, progress=progress)
+            lanczos = dict(tol=tol, seed=seed, block_size=block_size, max_matvecs=max_matvecs, progress=progress)
             with step("Hessian top-k") as rec:
                 eh = eigenvalues(H, k=k, **lanczos)
                 rec["products"], rec["passes"] = eh.matvecs, eh.iterations
@@ -200,7 +200,7 @@ def analyze(
     sets = {
         "seed": seed, "k": k, "probes": probes, "density_probes": density_probes,
         "density_iterations": density_iterations, "block_size": block_size, "tol": tol,
-        "max_products": max_products, "params": None if params is None else str(params),
+        "max_matvecs": max_matvecs, "params": None if params is None else str(params),
         "mode": "eval", "dtype": str(H.dtype).replace("torch.", ""), "device": str(H.device),
         "threads": torch.get_num_threads(), "curvkit": _version(), "torch": torch.__version__,
         "python": platform.python_version(), "platform": platform.platform(),
