@@ -157,14 +157,16 @@ class Risk:
         return model_mode(self.model, train=self.mode == "train")
 
     # the loop ---------------------------------------------------------------------------
-    def pieces(self) -> Iterator[tuple[int, Any, Tensor]]:
-        """``(batch index, inputs, targets)`` for every micro-batch of one pass (``max_batch``)."""
+    def pieces(self) -> Iterator[tuple[int, int, Any, Tensor]]:
+        """``(batch index, piece key, inputs, targets)`` for every micro-batch of one pass
+        (``max_batch``). The key is the batch index for a whole batch and distinct for every piece,
+        so a computation seeded by it (the Monte-Carlo Fisher) draws independent samples per piece."""
         for i, x, y in self.batches:
             if self.max_batch is not None and y.shape[0] > self.max_batch:
-                for xs, ys in split_batch(x, y, self.max_batch):
-                    yield i, xs, ys
+                for j, (xs, ys) in enumerate(split_batch(x, y, self.max_batch)):
+                    yield i, i + (j << 32), xs, ys
             else:
-                yield i, x, y
+                yield i, i, x, y
 
     def accumulate(self, fn: BatchFn, check: Tensor | None = None, what: str = "curvature product") -> Totals:
         """One pass over the data: ``sum_b fn(batch b)``.
@@ -184,8 +186,8 @@ class Risk:
         weight: Any = 0.0
         examples = 0
         with self.in_mode():
-            for i, x, y in self._pieces_fitting():
-                parts, loss, w = self._fit(fn, x, y, i)
+            for i, key, x, y in self.pieces():
+                parts, loss, w = self._fit(fn, x, y, key, i)
                 sums = [p.clone() for p in parts] if sums is None else [s.add_(p) for s, p in zip(sums, parts)]
                 weight = weight + w
                 examples += int(y.shape[0])
@@ -221,14 +223,11 @@ class Risk:
                             "nothing to take the curvature of")
         return Totals(sums, total_w, int(n), loss_sum / total_w if mean else loss_sum, self.reduction)
 
-    def _pieces_fitting(self) -> Iterator[tuple[int, Any, Tensor]]:
-        return self.pieces()
-
-    def _fit(self, fn: BatchFn, x: Any, y: Tensor, i: int) -> tuple[list[Tensor], Tensor, Any]:
+    def _fit(self, fn: BatchFn, x: Any, y: Tensor, key: int, i: int) -> tuple[list[Tensor], Tensor, Any]:
         """``fn`` on one batch; on a CUDA out-of-memory error, on halves of it until they fit
-        (then every later batch is cut to that size: ``max_batch``), warning once."""
+        (then every later batch is cut to that size: ``max_batch``), with a warning."""
         try:
-            return fn(x, y, i)
+            return fn(x, y, key)
         except _OOM:
             pass
         b = int(y.shape[0])
@@ -247,8 +246,8 @@ class Risk:
         total: list[Tensor] | None = None
         loss: Any = 0.0
         weight: Any = 0.0
-        for xs, ys in split_batch(x, y, self.max_batch):
-            parts, l_, w = self._fit(fn, xs, ys, i)
+        for j, (xs, ys) in enumerate(split_batch(x, y, self.max_batch)):
+            parts, l_, w = self._fit(fn, xs, ys, key + (j << 48), i)
             total = parts if total is None else [t + p for t, p in zip(total, parts)]
             loss, weight = loss + l_.detach() * w, weight + w
         return total, loss / weight, weight
