@@ -28,6 +28,7 @@ def eigenvalues(
     seed: int | torch.Generator | None = 0,
     block_size: int | None = None,
     basis_size: int | None = None,
+    init: EigenResult | Tensor | None = None,
     by: str | None = None,
     progress: bool | None = None,
 ) -> EigenResult | BlockResults:
@@ -40,30 +41,62 @@ def eigenvalues(
     "magnitude" (largest ``|lambda|``, descending by absolute value).
 
     Converged when every wanted pair has ``||A v - lambda v|| <= tol * max|lambda|`` (the max
-    over the wanted values, so eigenvalues near 0 do not stall convergence). ``residuals`` are
-    the norms ``||A v - lambda v||`` of the returned vectors, read off the Lanczos relation
-    ``A V = V H + R E^T`` (equal to the directly computed ones up to rounding, at no extra cost).
+    over the wanted values, so eigenvalues near 0 do not stall convergence). The Ritz pairs are
+    checked after every block, so a well-separated top-1 stops as soon as it has converged (a
+    handful of products, fewer than power iteration to the same tolerance). The guard against
+    missing a member of a cluster costs products only where the spectrum has one: where two of
+    the wanted Ritz values (or the last wanted and the next) lie within ``CLUSTER`` (2%) of
+    ``max|lambda|``, the run goes on until its basis holds ``max(2k, 20) + 10`` vectors and the
+    near-ties at the edge have converged too (a small Krylov space can hold converged pairs and
+    still miss a cluster member whose start component is small).
+
+    ``init``: a warm start, a previous :class:`EigenResult` or an ``(n,)`` / ``(n, c)`` block
+    (e.g. the top eigenvectors at the last training step): the first block is those vectors
+    (block size ``c`` unless ``block_size`` says otherwise, padded with random columns). An
+    eigenvector that moved little since converges in one or two block products.
+
+    Precision: the basis and the Ritz problem run in float32 (float64 for float64 operators),
+    whatever the operator's dtype; a bf16/fp16 operator multiplies a cast of each block. Where the
+    products carry rounding the Lanczos relation does not see (half precision, TF32 on CUDA) the
+    returned ``residuals`` are recomputed from one direct product of the ``k`` vectors, and
+    ``converged`` follows them: a reported error bar is never optimistic. Otherwise
+    ``residuals`` are read off the relation ``A V = V H + R E^T`` (equal to direct ones up to
+    rounding, at no cost).
 
     Cost: at most ``max_matvecs`` operator products (default ``max(1000, 50 * basis_size)``),
     counted as columns: one block product of ``b`` columns counts ``b``; typically a few times
-    ``k`` to a few ``basis_size``. Memory: ``basis_size + block_size`` vectors of length n.
-    If ``basis_size + block_size >= n`` the operator is small: it is formed densely with ``n``
-    products and solved exactly. A budget that runs out returns ``converged=False`` with a
+    ``k`` (plus ``k`` for the direct check where it runs). Memory: up to ``basis_size +
+    block_size`` vectors of length n in the working dtype, on the operator's device (for top-1,
+    about ``basis_size = 20`` vectors at most, usually far fewer are filled). If ``basis_size +
+    block_size >= n`` the operator is small: it is formed densely with ``n`` products and solved
+    exactly. A budget that runs out returns ``converged=False`` with a
     :class:`~curvkit.errors.ConvergenceWarning`, the residuals saying how far it got.
 
     With ``by="layer"`` or ``"param"``, runs once per diagonal block of ``A.blocks(by)`` and
     returns :class:`BlockResults` (blocks with ``n <= k`` get all their eigenvalues, densely).
+
+    Example:
+        >>> import torch, curvkit as ck
+        >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+        >>> r = ck.eigenvalues(A, k=2, tol=1e-8)
+        >>> [round(float(v), 6) for v in r.values], r.converged
+        ([100.0, 99.0], True)
     """
     if which not in _WHICH:
         raise ArgumentError(f"which must be one of {_WHICH}, got {which!r}")
     if by is not None:
+        if init is not None:
+            raise ArgumentError("init= is a start for one operator; it cannot be combined with by=")
         out = {}
         for name, B in operator_blocks(A, by).items():
             nb = check_square(B)
             out[name] = _eigenvalues(B, min(k, nb), which, tol, max_matvecs, seed, block_size,
-                                     basis_size, progress, allow_all=True)
+                                     basis_size, None, progress, allow_all=True)
         return BlockResults(out)
-    return _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, progress)
+    return _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, init, progress)
+
+
+CLUSTER = 0.02  # unwanted Ritz values this close (relative to max|lambda|) to the last wanted one must converge too
 
 
 def _order(theta: Tensor, which: str) -> Tensor:
@@ -75,7 +108,39 @@ def _order(theta: Tensor, which: str) -> Tensor:
     return torch.argsort(theta.abs(), descending=True)
 
 
-def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, progress, allow_all=False):
+def work_dtype(dt: torch.dtype) -> torch.dtype:
+    """The basis and reductions: float64 for float64 operators, float32 otherwise."""
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def _inexact_products(A: Any) -> bool:
+    """Whether products carry rounding the Lanczos relation cannot see: a half-precision operator,
+    or TF32 matrix multiplies/convolutions on CUDA."""
+    if A.dtype in (torch.float16, torch.bfloat16):
+        return True
+    dev = torch.device(A.device)
+    return dev.type == "cuda" and A.dtype == torch.float32 and (
+        torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+
+
+def _start_block(init: Any, n: int, b: int | None, gen: torch.Generator, wd: torch.dtype, dev) -> Tensor:
+    """The first block: the warm start's vectors (padded with random columns to ``b``), orthonormal."""
+    if init is None:
+        return torch.linalg.qr(gaussian(n, b or 1, gen, wd, dev))[0]
+    V0 = init.vectors if isinstance(init, EigenResult) else init
+    if not isinstance(V0, Tensor) or V0.dim() not in (1, 2) or V0.shape[0] != n:
+        raise ShapeError(f"init must be an EigenResult or a tensor of shape ({n},) or ({n}, c), got "
+                         f"{tuple(V0.shape) if isinstance(V0, Tensor) else type(V0).__name__}")
+    V0 = (V0[:, None] if V0.dim() == 1 else V0).detach().to(device=dev, dtype=wd)
+    if not bool(torch.isfinite(V0).all()):
+        raise ShapeError("init has NaN/inf entries; pass the vectors of a finished run")
+    b = b or V0.shape[1]
+    if V0.shape[1] < b:
+        V0 = torch.cat([V0, gaussian(n, b - V0.shape[1], gen, wd, dev)], dim=1)
+    return torch.linalg.qr(V0[:, :b])[0]
+
+
+def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, init, progress, allow_all=False):
     n = check_symmetric(A, "eigenvalues (Lanczos)")
     if not isinstance(k, int) or k < 1 or k > n or (k == n and not allow_all):
         raise ShapeError(
@@ -84,7 +149,10 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, pr
         )
     if tol <= 0:
         raise ArgumentError(f"tol must be positive, got {tol}")
-    b = block_size or 1
+    wd, dev = work_dtype(A.dtype), A.device
+    gen = generator(seed)
+    V0 = _start_block(init, n, block_size, gen, wd, dev)
+    b = V0.shape[1]
     m_max = basis_size or max(2 * k + 2 * b, 20 + 10 * b)
     if b < 1 or m_max < k + b:
         raise ArgumentError(f"need block_size >= 1 and basis_size >= k + block_size, got {b}, {m_max}")
@@ -92,27 +160,20 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, pr
     budget = max_matvecs if max_matvecs is not None else max(1000, 50 * m_max)
     if m_max + b >= n:
         return _dense(A, n, k, which)
-    first = b * math.ceil(k / b)
-    if budget < first:
-        raise ArgumentError(f"max_matvecs={budget} is below the {first} products needed for a first set of k={k} Ritz vectors")
+    if budget < b:
+        raise ArgumentError(f"max_matvecs={budget} is below one block of {b} products")
 
-    dt, dev = A.dtype, A.device
-    eps = torch.finfo(dt).eps
-    gen = generator(seed)
-    V = torch.empty(n, m_max + b, dtype=dt, device=dev)
+    eps = torch.finfo(wd).eps
+    V = torch.empty(n, m_max + b, dtype=wd, device=dev)
     H = torch.zeros(m_max, m_max, dtype=_F64)
-    V[:, :b] = torch.linalg.qr(gaussian(n, b, gen, dt, dev))[0]
-    filled = False
+    V[:, :b] = V0
     m, matvecs, steps = 0, 0, 0  # V[:, :m] multiplied; V[:, m:m+b] the pending block
-    # Never stop on a basis smaller than this (as ARPACK, which fills its basis first): a small
-    # Krylov space can hold converged Ritz pairs yet miss a wanted eigenvalue entirely.
-    m_min = min(m_max, max(2 * k, 20) + 10)
     p = min(m_max - b, k + (m_max - k) // 2)  # Ritz vectors kept at a restart
     p -= (p - k) % b if p > k else 0
     bar = progress_bar(total=budget, desc="eigenvalues", enabled=progress)
     try:
         while True:
-            W = apply(A, V[:, m : m + b], "Lanczos product")
+            W = _product(A, V[:, m : m + b], wd)
             matvecs, steps = matvecs + b, steps + 1
             bar.update(b)
             cur = m + b
@@ -130,18 +191,17 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, pr
             Qn, B = _next_block(W, Vc, gen, 100 * eps * max(anorm, 1e-300))
             res = (B @ S[m - b : m]).norm(dim=0)  # ||A V s - theta V s|| = ||R s_last||
             order = _order(theta, which)
-            want = order[:k] if m >= k else order
-            scale = float(theta[want].abs().max())
-            rel = float(res[want].max()) / max(scale, 1e-300)
+            want = order[:k]
+            scale = max(float(theta[want].abs().max()), 1e-300)
+            rel = float(res[want].max()) / scale
             bar.set_postfix(rel_residual=f"{rel:.1e}", refresh=False)
-            filled = filled or m >= m_min
-            if filled and rel <= tol:
+            if m >= k and rel <= tol and (m + b > n or _may_stop(theta, res, order, k, m, tol, scale)):
                 break
             if matvecs + b > budget:
                 break
             if m + b > m_max:  # thick restart: keep the best p Ritz vectors, then Qn
                 keep = order[:p]
-                V[:, :p] = V[:, :m] @ S[:, keep].to(device=dev, dtype=dt)
+                V[:, :p] = V[:, :m] @ S[:, keep].to(device=dev, dtype=wd)
                 H.zero_()
                 H[:p, :p] = torch.diag(theta[keep])
                 m = p
@@ -149,7 +209,15 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, pr
     finally:
         bar.close()
 
-    converged = rel <= tol
+    want = order[: min(k, m)]
+    vectors = V[:, :m] @ S[:, want].to(device=dev, dtype=wd)
+    values, residuals = theta[want].to(device=dev, dtype=wd), res[want].to(device=dev, dtype=wd)
+    if _inexact_products(A):  # one direct product: the relation cannot see the products' rounding
+        AV = _product(A, vectors, wd)
+        matvecs += vectors.shape[1]
+        residuals = (AV - vectors * values).norm(dim=0)
+        rel = float(residuals.max()) / scale
+    converged = m >= k and rel <= tol
     if not converged:
         warnings.warn(
             f"eigenvalues did not converge in {matvecs} products (max relative residual {rel:.2e} > "
@@ -157,11 +225,28 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, pr
             ConvergenceWarning,
             stacklevel=3,
         )
-    vectors = V[:, :m] @ S[:, want].to(device=dev, dtype=dt)
-    return EigenResult(
-        values=theta[want].to(device=dev, dtype=dt), vectors=vectors,
-        residuals=res[want].to(device=dev, dtype=dt), matvecs=matvecs, converged=converged, iterations=steps,
-    )
+    return EigenResult(values=values, vectors=vectors, residuals=residuals, matvecs=matvecs,
+                       converged=converged, iterations=steps)
+
+
+def _product(A: Any, V: Tensor, wd: torch.dtype) -> Tensor:
+    """``A @ V`` in the working dtype (a half-precision operator multiplies a cast of ``V``)."""
+    return apply(A, V if A.dtype == wd else V.to(A.dtype), "Lanczos product").to(wd)
+
+
+def _may_stop(theta: Tensor, res: Tensor, order: Tensor, k: int, m: int, tol: float, scale: float) -> bool:
+    """The cluster guard, once the wanted pairs have converged. Where the wanted Ritz values and
+    the next one are separated by gaps of at least ``CLUSTER * scale``, stop: nothing hides
+    between them. Where two are closer (a cluster), a small Krylov space can hold converged pairs
+    yet miss a member of the cluster entirely (its start component is small), so stop only once
+    the basis holds ``max(2k, 20) + 10`` vectors, as ARPACK fills its basis first, and the
+    unwanted Ritz values within ``CLUSTER * scale`` of the last wanted one have converged too."""
+    seq = theta[order[: k + 1]]
+    if len(seq) < 2 or bool(((seq[1:] - seq[:-1]).abs() >= CLUSTER * scale).all()):
+        return True
+    edge = theta[order[k - 1]]
+    near = order[k:][(theta[order[k:]] - edge).abs() <= CLUSTER * scale]
+    return m >= max(2 * k, 20) + 10 and bool((res[near] <= tol * scale).all())
 
 
 def _next_block(W: Tensor, V: Tensor, gen: torch.Generator, small: float) -> tuple[Tensor, Tensor]:
@@ -194,7 +279,7 @@ def _dense(A: Any, n: int, k: int, which: str) -> EigenResult:
     want = _order(theta, which)[:k]
     vals, vecs = theta[want], S[:, want]
     res = (D.to(_F64) @ vecs - vecs * vals).norm(dim=0)
+    wd = work_dtype(A.dtype)
     return EigenResult(
-        values=vals.to(A.dtype), vectors=vecs.to(A.dtype), residuals=res.to(A.dtype),
-        matvecs=n, converged=True, iterations=1,
+        values=vals.to(wd), vectors=vecs.to(wd), residuals=res.to(wd), matvecs=n, converged=True, iterations=1,
     )

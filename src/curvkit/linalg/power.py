@@ -20,23 +20,30 @@ def power_iteration(
 ) -> EigenResult:
     """Dominant eigenpair (largest |lambda|) of a symmetric operator by power iteration.
 
-    Stops when the residual ``||A v - lambda v||`` falls below ``tol * |lambda|``.
+    Stops when the residual ``||A v - lambda v||`` falls below ``tol * |lambda|`` (a direct
+    residual: the last product's). Works in float32 (float64 for float64 operators) on any
+    operator dtype.
     Cost: one operator product per iteration, at most ``max_matvecs``. Convergence is linear
     with rate |lambda_2 / lambda_1|; :func:`curvkit.eigenvalues` (Lanczos) needs far fewer
     products and finds several eigenvalues.
     """
     n = check_symmetric(A, "power_iteration")
     gen = generator(seed)
-    v = gaussian(n, 1, gen, A.dtype, A.device)[:, 0]
+    wd = torch.float64 if A.dtype == torch.float64 else torch.float32  # a half-precision operator multiplies casts
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        return apply(A, x if A.dtype == wd else x.to(A.dtype)).to(wd)
+
+    v = gaussian(n, 1, gen, wd, A.device)[:, 0]
     v = v / v.norm()
-    Av, matvecs = apply(A, v), 1
+    Av, matvecs = product(v), 1
     while True:
         lam = torch.dot(v, Av)
         res = (Av - lam * v).norm()
         if res <= tol * lam.abs() or matvecs >= max_matvecs:
             break
         v = Av / Av.norm()
-        Av = apply(A, v)
+        Av = product(v)
         matvecs += 1
     converged = bool(res <= tol * lam.abs())
     if not converged:
