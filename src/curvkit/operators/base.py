@@ -20,6 +20,15 @@ from ..model.params import ParamSpec
 from ..model.risk import Mode, Risk
 from ._graphs import GraphCache
 
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def transform_failed(e: BaseException) -> bool:
+    """Whether ``e`` says a torch.func transform cannot run this model (so a slower path can), as
+    opposed to running out of memory, which is never a reason to change method: the data loop
+    micro-batches instead (:class:`curvkit.model.Risk`)."""
+    return isinstance(e, (RuntimeError, NotImplementedError)) and not isinstance(e, _OOM)
+
 
 class CurvatureOperator(LinearOperator):
     """Base of the curvature matrices of ``loss_fn(model(inputs), targets)`` over ``data``.

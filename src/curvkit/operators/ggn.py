@@ -12,9 +12,7 @@ from ..errors import LossError, ModelError
 from ..model.losses import warn_if_linear
 from ..model.params import ParamSpec
 from ..model.risk import Mode, output_hint
-from .base import CurvatureOperator
-
-_FALLBACK = (RuntimeError, NotImplementedError)
+from .base import CurvatureOperator, transform_failed
 
 
 class OutputSpaceOperator(CurvatureOperator):
@@ -54,7 +52,9 @@ class OutputSpaceOperator(CurvatureOperator):
 
         try:
             out, vjp_fn = vjp(fx, params)
-        except _FALLBACK as e:
+        except (RuntimeError, NotImplementedError) as e:
+            if not transform_failed(e):
+                raise
             raise ModelError(
                 f"torch.func cannot differentiate the model ({e}); the GGN and the Fisher need "
                 "torch.func.vjp/jvp of the model. Port custom autograd.Functions to the "
@@ -67,7 +67,9 @@ class OutputSpaceOperator(CurvatureOperator):
         if self._vmap:
             try:
                 JV = vmap(lambda v: jvp(fx, (params,), (v,))[1])(probes)
-            except _FALLBACK:
+            except (RuntimeError, NotImplementedError) as e:
+                if not transform_failed(e):
+                    raise
                 self._vmap = False
         if not self._vmap:
             JV = torch.stack([jvp(fx, (params,), ({n: v[j] for n, v in probes.items()},))[1] for j in range(k)])

@@ -11,10 +11,9 @@ from torch.func import grad_and_value, jvp, vmap
 from ..errors import ArgumentError
 from ..model.params import ParamSpec
 from ..model.risk import Mode
-from .base import CurvatureOperator
+from .base import CurvatureOperator, transform_failed
 
 Method = Literal["auto", "forward-over-reverse", "double-backward"]
-_FALLBACK = (RuntimeError, NotImplementedError)
 
 
 class HessianOperator(CurvatureOperator):
@@ -70,13 +69,17 @@ class HessianOperator(CurvatureOperator):
                 try:
                     hv, loss, w = vmap(hvp, randomness="same")(probes)
                     return [hv[n] for n in names], loss[0], w[0] if isinstance(w, Tensor) else w
-                except _FALLBACK:
+                except (RuntimeError, NotImplementedError) as e:
+                    if not transform_failed(e):
+                        raise
                     self.strategy = "loop"
             if self.strategy == "loop":
                 try:
                     outs = [hvp({n: v[j] for n, v in probes.items()}) for j in range(k)]
                     return [torch.stack([o[0][n] for o in outs]) for n in names], outs[0][1], outs[0][2]
-                except _FALLBACK:
+                except (RuntimeError, NotImplementedError) as e:
+                    if not transform_failed(e):
+                        raise
                     if self.method == "forward-over-reverse":
                         raise
                     self.strategy = "double-backward"
