@@ -35,6 +35,7 @@ from torch.func import functional_call
 from ..errors import (ArgumentError, DataError, FallbackWarning, LossError, ModelError, NonFiniteError,
                       TooLargeError)
 from .data import Batches, split_batch, tensors_of
+from .kernels import differentiable_kernels, fused_op
 from .losses import LossSpec, loss_spec
 from .params import ParamSpace, ParamSpec
 
@@ -99,6 +100,7 @@ class Risk:
         model = _unwrap(model)
         self.model, self.loss_fn, self.mode, self.output = model, loss_fn, mode, output
         self.max_batch = max_batch
+        self.safe_kernels = False  # set when a fused kernel without second derivatives was met
         self.space = space if space is not None else ParamSpace(model, params)
         if mode == "train":
             refuse_active_dropout(model)
@@ -120,6 +122,7 @@ class Risk:
         frozen = {n: p.detach() for n, p in self.model.named_parameters() if n not in chosen}
         buffers = dict(self.model.named_buffers())
         train, model, pick = self.mode == "train", self.model, self.pick
+        safe = differentiable_kernels if self.safe_kernels else contextlib.nullcontext
 
         def f(params: dict[str, Tensor], x: Any) -> Any:
             # BatchNorm in train mode updates running stats in place: on fresh copies made inside
@@ -127,7 +130,8 @@ class Risk:
             # mutate a captured tensor) can differentiate it
             bufs = {n: b.clone() for n, b in buffers.items()} if train else buffers
             args, kwargs = ((), dict(x)) if isinstance(x, Mapping) else ((x,), {})
-            return pick(functional_call(model, (params, frozen, bufs), args, kwargs))
+            with safe():
+                return pick(functional_call(model, (params, frozen, bufs), args, kwargs))
 
         return f
 
@@ -230,6 +234,19 @@ class Risk:
             return fn(x, y, key)
         except _OOM:
             pass
+        except (RuntimeError, NotImplementedError) as e:
+            op = fused_op(e)
+            if op is None or self.safe_kernels:
+                raise
+            self.safe_kernels = True  # every later pass too: the same model, the same kernels
+            warnings.warn(
+                f"{op} has no second derivative (or no forward-mode AD), which curvature needs; from now on "
+                "this model runs on differentiable kernels (the math attention backend, the MHA/transformer "
+                "fast path off, mkldnn/cuDNN RNNs off, embedding_bag as lookup + reduction): the same "
+                "function, at the math path's cost",
+                FallbackWarning, stacklevel=4,
+            )
+            return fn(x, y, key)
         b = int(y.shape[0])
         if b == 1:
             raise TooLargeError(
