@@ -77,7 +77,8 @@ def main() -> None:
         t_grad = timeit(gradient_fn(model, loss_fn, data), device, args.repeats)
         ops = {
             "curvkit Hessian": ck.hessian(model, loss_fn, data),
-            "curvkit Hessian (eager)": ck.hessian(model, loss_fn, data, cuda_graphs=False),
+            "curvkit Hessian (eager)": ck.hessian(model, loss_fn, data, method="forward-over-reverse", cuda_graphs=False),
+            "curvkit Hessian (forward-over-reverse)": ck.hessian(model, loss_fn, data, method="forward-over-reverse"),
             "curvkit Hessian (double backward)": ck.hessian(model, loss_fn, data, method="double-backward", cuda_graphs=False),
             "curvkit GGN": ck.ggn(model, loss_fn, data),
             "curvkit GGN (eager)": ck.ggn(model, loss_fn, data, cuda_graphs=False),
@@ -92,6 +93,8 @@ def main() -> None:
             for name, op in ops.items():
                 t = timeit(lambda: op @ V, device, args.repeats)
                 products[name] = op @ V
+                if getattr(op, "choice", None):
+                    print(f"batch {bs:5d}  probes {k:3d}  {name}: method='auto' chose {op.choice}")
                 if getattr(op, "_graphs", None) is not None:
                     op._graphs.graphs.clear()  # free the captured graph's memory before the next row
                 row = results["rows"].setdefault(f"{name} | {k}", {})

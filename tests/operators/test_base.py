@@ -37,12 +37,16 @@ def test_block_product_equals_columns(make):
 
 
 def test_hessian_paths_agree():
-    """vmap (auto), one probe at a time (loop) and double backward give the same matrix."""
+    """vmapped forward-over-reverse, one probe at a time (loop) and double backward give the same
+    matrix; "auto" takes double backward on the CPU and says so."""
     model, batches = make_model("layernorm"), make_batches("layernorm", "bce")
     loss_fn = make_loss("bce")
+    H_vmap = ck.hessian(model, loss_fn, batches, method="forward-over-reverse")
+    d_vmap = H_vmap.dense()
+    assert H_vmap.strategy == "vmap"
     H_auto = ck.hessian(model, loss_fn, batches)
     d_auto = H_auto.dense()
-    assert H_auto.strategy == "vmap"
+    assert H_auto.strategy == "double-backward" and H_auto.choice["chosen"] == "double-backward"
     H_loop = ck.hessian(model, loss_fn, batches, method="forward-over-reverse")
     H_loop.strategy = "loop"
     d_loop = H_loop.dense()
@@ -51,7 +55,7 @@ def test_hessian_paths_agree():
     d_db = H_db.dense()
     assert H_db.strategy == "double-backward"
     ref = cached_ref("hessian", "layernorm", "bce", "mean")
-    for d in (d_auto, d_loop, d_db):
+    for d in (d_vmap, d_auto, d_loop, d_db):
         assert_close(d, ref)
     with pytest.raises(ValueError, match="method must be"):
         ck.hessian(model, loss_fn, batches, method="newton")
@@ -107,7 +111,7 @@ def _mlp_with(fn):
 def test_fallback_paths_for_models_vmap_cannot_batch():
     batches = make_batches("mlp", "ce")
     model = _mlp_with(_TanhNoVmap)
-    H = ck.hessian(model, CE, batches)
+    H = ck.hessian(model, CE, batches, method="forward-over-reverse")
     assert_close(H.dense(), cached_ref("hessian", "mlp", "ce", "mean"))
     assert H.strategy == "loop"
     G = ck.ggn(model, CE, batches)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 import torch
@@ -21,9 +22,14 @@ class HessianOperator(CurvatureOperator):
 
     Products are Hessian-vector products, by forward-over-reverse differentiation
     (``jvp`` of ``grad``, ``torch.func``) vmapped over the k probes, so the forward and backward
-    pass that all probes share run once. Models that ``vmap`` cannot batch fall back to one
-    probe at a time, and models without forward-mode derivatives to double backward; every
-    path gives the same matrix. ``method`` forces one; :attr:`strategy` says which ran.
+    pass that all probes share run once, or by double backward (``autograd.grad`` of the
+    gradient, one backward per probe). ``method="auto"``: double backward on the CPU; on CUDA it
+    measures both on the first batch of the first product (time and peak memory) and keeps the
+    faster, or the one that needs less memory when they are within 10% of each other (the case
+    of large models, where double backward needs about 0.6x the memory): :attr:`choice` holds the
+    measurement and :attr:`strategy` says which runs. Models that ``vmap`` cannot batch fall back to one probe at
+    a time, and models without forward-mode derivatives to double backward; every path gives the
+    same matrix. ``method`` forces one.
 
     Cost of ``H @ V`` with V (n, k): one pass over the data, each batch a forward, a backward
     and their k tangent passes (about 2-4 gradients for k = 1; see BENCHMARKS.md).
@@ -44,11 +50,58 @@ class HessianOperator(CurvatureOperator):
             raise ArgumentError(f"method must be 'auto', 'forward-over-reverse' or 'double-backward', got {method!r}")
         self.method = method
         self.strategy = "double-backward" if method == "double-backward" else "vmap"
+        self.choice: dict | None = None  # what method="auto" measured, once
         super().__init__(model, loss_fn, data, params, mode=mode, reduction=reduction, output=output,
                          max_batch=max_batch, distributed=distributed, cuda_graphs=cuda_graphs)
 
     def _options(self) -> dict:
-        return {**super()._options(), "method": self.method}
+        chosen = {"double-backward": "double-backward", "vmap": "forward-over-reverse"}.get(self.strategy)
+        method = chosen if self.choice is not None and chosen else self.method  # blocks reuse the choice
+        return {**super()._options(), "method": method}
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        if self.method == "auto" and self.choice is None:
+            self._choose(V)
+        return super()._matmat(V)
+
+    def _choose(self, V: Tensor) -> None:
+        """Pick the product method (see the class docstring). On the CPU, double backward: it has no
+        transform overhead and was faster on every model measured (BENCHMARKS.md), and a fixed
+        choice keeps same-seed results bit-identical. On CUDA, run the first batch's product both
+        ways, timed, with its peak memory, and keep the better. Cost on CUDA: about three extra
+        products of one batch, once."""
+        if self.device.type != "cuda":
+            self.strategy = "double-backward"
+            self.choice = {"chosen": "double-backward", "why": "the CPU: no transform overhead"}
+            return
+        i, key, x, y = next(iter(self.risk.pieces()))
+        probes, params = self.space.probes(V), self.space.tensors
+
+        def measure(batch) -> dict:
+            run = lambda: self.risk._fit(batch, x, y, key, i)  # noqa: E731  (OOM and fused-kernel fallbacks)
+            run()  # warm-up (a CUDA graph is captured here)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            return {"seconds": time.perf_counter() - t0, "peak_bytes": torch.cuda.max_memory_allocated() - base}
+
+        with self.risk.in_mode():
+            if self._graphs is not None:
+                fwd = measure(lambda x_, y_, k_: self._graphs(self._weighted, x_, y_, probes, k_, params))
+            else:
+                fwd = measure(lambda x_, y_, k_: self._weighted(x_, y_, probes, k_))
+            if self.strategy != "vmap":  # the transform could not run this model: nothing to choose
+                self.choice = {"chosen": self.strategy, "why": "forward-over-reverse cannot run this model"}
+                return
+            dbl = measure(lambda x_, y_, k_: self._double_backward(x_, y_, probes))
+        t_f, t_d = fwd["seconds"], dbl["seconds"]
+        if t_d < 0.9 * t_f or (t_d <= 1.1 * t_f and dbl["peak_bytes"] < fwd["peak_bytes"]):
+            self.strategy, self._graphs = "double-backward", None  # the other's graphs go with their memory
+        self.choice = {"forward-over-reverse": fwd, "double-backward": dbl,
+                       "chosen": "double-backward" if self.strategy == "double-backward" else "forward-over-reverse"}
 
     def _batch_matmat(self, x: Any, y: Tensor, V: list[Tensor], index: int) -> tuple[list[Tensor], Tensor, Any]:
         names, k, risk = self.param_names, V[0].shape[0], self.risk
