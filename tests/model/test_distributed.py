@@ -182,9 +182,24 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                                     "gradient": _count_all_reduces(H.loss_and_gradient)})
         run("refusals", lambda: refusals(rank, world))
         run("after", lambda: H @ probes(H.shape[0]))  # the group is still in step after every refusal
+        if rank:
+            run("report_save", lambda: _save_on_rank(Path(out_dir) / f"report{rank}"))
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
+
+
+def _save_on_rank(folder: Path) -> tuple[list, bool]:
+    """Report.save on a rank other than 0 (the real write is the CLI's torchrun test): what it
+    returns and whether the folder exists afterwards. The sections need not be real: nothing is
+    rendered there."""
+    from dataclasses import fields
+
+    from curvkit.analyze import Report
+
+    report = Report(**{f.name: [] if f.name == "layers" else {} for f in fields(Report)
+                       if f.name not in ("schema", "warnings")})
+    return report.save(folder), folder.exists()
 
 
 def _free_port() -> int:
@@ -298,6 +313,14 @@ def test_disagreeing_ranks_are_refused_on_every_rank(group, case):
 def test_the_group_is_still_in_step_after_every_refusal(group, one_process):
     for rank, got in enumerate(_results(group, "after")):
         _assert_rel(got, one_process["products"]["hessian"], REL, f"hessian on rank {rank} after the refusals")
+
+
+def test_report_save_writes_nothing_on_other_ranks(group):
+    world, ranks = group
+    for rank in range(1, world):
+        got = ranks[rank]["report_save"]
+        assert not isinstance(got, str), got
+        assert got == ([], False), f"rank {rank} wrote {got}"
 
 
 # ---------------------------------------------------------------------------------------------
