@@ -78,7 +78,11 @@ def analyze(
     dtype: str = typer.Option("float32", help="float32 | float64"),
     seed: int = typer.Option(0, help="Seed of every random choice (training of the default, probes, starting vectors)."),
     out: Path = typer.Option(Path("curvkit-report"), help="Output folder."),
-    threads: int = typer.Option(0, help="CPU threads (0: torch's choice for --model; the embedded default uses 1). Small models are fastest on 1 thread: their products are too small to gain from more, and on a busy machine extra threads only contend (the README's quick start: 28 s at 1 thread, 79-441 s at 2 on a loaded 2-core machine). Pass --threads 1 for small models; in Python, torch.set_num_threads(1)."),
+    threads: int = typer.Option(0, help=(
+        "CPU threads (0: torch's choice for --model; the embedded default uses 1). Small models are fastest "
+        "on 1 thread: their products are too small to gain from more, and on a busy machine extra threads "
+        "only contend (the README's quick start: 28 s at 1 thread, 79-441 s at 2 on a loaded 2-core "
+        "machine). Pass --threads 1 for small models; in Python, torch.set_num_threads(1).")),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary."),
     fast: bool = typer.Option(False, "--fast", help="A smaller, quicker configuration of the same computation (for tests)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
