@@ -3,6 +3,9 @@ kind of bad input (exit code 2, one line on stderr, no traceback)."""
 
 import json
 import math
+import os
+import pickle
+import socket
 import subprocess
 import sys
 import textwrap
@@ -61,6 +64,35 @@ def test_version_and_help():
     assert v.returncode == 0 and v.stdout.startswith("curvkit ")
     h = subprocess.run(_cmd() + ["analyze", "--help"], capture_output=True, text=True, timeout=120)
     assert h.returncode == 0 and "Examples:" in h.stdout and "--checkpoint" in h.stdout
+    text = " ".join(h.stdout.split())  # the help is wrapped to the terminal
+    # --threads says what to set for small models, in the CLI and in Python
+    assert "Pass --threads 1 for small models; in Python, torch.set_num_threads(1)" in text, text
+    assert "torchrun --nproc-per-node 2 -m curvkit analyze" in text
+
+
+def test_torchrun_writes_one_report_on_rank_0(default_run, tmp_path):
+    """2 processes of `curvkit analyze --fast` (gloo): each analyses its shard, rank 0 alone writes
+    the report and prints the summary, and the top Hessian eigenvalue is the single process's."""
+    _, single = default_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+         "-m", "curvkit", "analyze", "--fast", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("report written to") == 1, proc.stdout  # rank 0's summary only
+    assert "2 processes (torch.distributed)" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["layers.png", "report.json", "report.md", "spectrum.png"]
+    doc = json.loads((out / "report.json").read_text())
+    ref = json.loads((single / "report.json").read_text())
+    assert validate(doc, schema()) == [] and doc["settings"]["world_size"] == 2
+    (lam, res), (lam1, res1) = ((d["hessian"]["values"][0], d["hessian"]["residuals"][0]) for d in (doc, ref))
+    # a Ritz value is within its residual norm of an eigenvalue: both of the same top one
+    assert abs(lam - lam1) <= res + res1, (lam, res, lam1, res1)
 
 
 USER_MODULE = """
@@ -100,6 +132,8 @@ def bad_runs(tmp_path_factory):
     import argparse
 
     torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1)}, d / "pickle.pt")
+    with open(d / "plain.pkl", "wb") as fh:  # pickle.dump, not torch.save: torch.load cannot read it at all
+        pickle.dump({"state_dict": sd}, fh)
     (d / "file").write_text("")
     m, data = f"{d}/user.py:build_model", f"{d}/user.py:build_data"
     cases = {
@@ -108,6 +142,10 @@ def bad_runs(tmp_path_factory):
         "keys": (["--model", m, "--data", data, "--checkpoint", str(d / "keys.pt")],
                  "missing ['2.bias']; unexpected ['head.weight']"),
         "pickle": (["--model", m, "--data", data, "--checkpoint", str(d / "pickle.pt")], "--unsafe-pickle"),
+        "plain_pickle": (["--model", m, "--data", data, "--checkpoint", str(d / "plain.pkl")],
+                         "is a plain pickle file (written by pickle.dump), not a torch.save checkpoint"),
+        "plain_pickle_unsafe": (["--model", m, "--data", data, "--checkpoint", str(d / "plain.pkl"), "--unsafe-pickle"],
+                                "torch.save(model.state_dict(), 'model.pt')"),
         "data": (["--model", m, "--data", f"{d}/user.py:wrong_data"], "returned str"),
         "loss": (["--model", m, "--data", data, "--loss", "hinge"], "unknown loss"),
         "out": (["--model", m, "--data", data, "--out", str(d / "file" / "sub")], "cannot write there"),
@@ -125,7 +163,8 @@ def bad_runs(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("case", ["import", "attribute", "keys", "pickle", "data", "loss", "out", "nan", "cuda"])
+@pytest.mark.parametrize("case", ["import", "attribute", "keys", "pickle", "plain_pickle", "plain_pickle_unsafe",
+                                  "data", "loss", "out", "nan", "cuda"])
 def test_bad_input_is_one_line_exit_2(bad_runs, case):
     if case not in bad_runs:
         pytest.skip("CUDA is available here")

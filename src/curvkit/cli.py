@@ -1,7 +1,8 @@
 """The ``curvkit`` command: thin — it parses, loads the user's objects, calls the API and prints.
 
-Bad input (a module that does not import, checkpoint keys that do not match, data of the wrong
-type, CUDA asked for but absent, an unknown loss, an unwritable output folder, a NaN loss) is a
+Bad input (a module that does not import, checkpoint keys that do not match or a file that is
+not a torch.save checkpoint, data of the wrong type, CUDA asked for but absent, an unknown
+loss, an unwritable output folder, a NaN loss) is a
 :class:`~curvkit.errors.CurvkitError`: one line on stderr, exit code 2, no traceback unless
 ``--debug``. Anything else is a bug and keeps its traceback.
 """
@@ -30,12 +31,15 @@ Examples:
   curvkit analyze --model mypkg.models:build --data mypkg.data:val_batches \\
                   --checkpoint model.pt --loss cross_entropy --k 20 --out report/
   curvkit analyze --model ./net.py:make_net --data ./net.py:batches --params 'fc|head'
+  torchrun --nproc-per-node 2 -m curvkit analyze --fast   # one shard per process, report by rank 0
 \b
 --model and --data name a callable as module:function (a dotted module on the Python path or
 the current folder, or a path/to/file.py); it is called with no arguments. --data may return one
 (inputs, targets) batch, a list of them or a DataLoader (iterated in order; use shuffle=False).
 Writes report.json (schema: curvkit/analyze/report.schema.json), report.md, spectrum.png and
 layers.png to --out. Bad input exits with code 2 and one line on stderr.
+Under torchrun (WORLD_SIZE > 1) batch i goes to rank i % world, every product is summed over
+the ranks (gloo on CPU, nccl with --device cuda), and rank 0 alone writes and prints the report.
 """
 
 
@@ -74,7 +78,11 @@ def analyze(
     dtype: str = typer.Option("float32", help="float32 | float64"),
     seed: int = typer.Option(0, help="Seed of every random choice (training of the default, probes, starting vectors)."),
     out: Path = typer.Option(Path("curvkit-report"), help="Output folder."),
-    threads: int = typer.Option(0, help="CPU threads (0: torch's choice; the embedded default uses 1, its products are too small to gain from more)."),
+    threads: int = typer.Option(0, help=(
+        "CPU threads (0: torch's choice for --model; the embedded default uses 1). Small models are fastest "
+        "on 1 thread: their products are too small to gain from more, and on a busy machine extra threads "
+        "only contend (the README's quick start: 28 s at 1 thread, 79-441 s at 2 on a loaded 2-core "
+        "machine). Pass --threads 1 for small models; in Python, torch.set_num_threads(1).")),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary."),
     fast: bool = typer.Option(False, "--fast", help="A smaller, quicker configuration of the same computation (for tests)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -104,9 +112,6 @@ def _analyze(model_spec, data_spec, loss_spec, checkpoint, unsafe_pickle, params
 
     import torch
 
-    from .analyze import analyze as run_analysis
-    from .analyze import default
-
     t0 = time.perf_counter()
     warnings.formatwarning = lambda m, c, *a, **kw: f"curvkit: warning: {' '.join(str(m).split())}\n"
     if dtype not in ("float32", "float64"):
@@ -125,8 +130,28 @@ def _analyze(model_spec, data_spec, loss_spec, checkpoint, unsafe_pickle, params
     if model_spec and not data_spec:
         raise ArgumentError("--model needs --data (a module:function returning the batches to analyse)")
     loss_fn = _loss(loss_spec, debug)
-    _check_writable(out)
-    show = None if not quiet else False
+    ranks = _Ranks.start(device)  # under torchrun: the process group, this rank and the world size
+    try:
+        _run(ranks, model_spec, data_spec, loss_fn, checkpoint, unsafe_pickle, params, k, probes, batches,
+             ranks.device, dtype, seed, out, threads, quiet, fast, debug, t0)
+    finally:
+        ranks.stop()
+
+
+def _run(ranks, model_spec, data_spec, loss_fn, checkpoint, unsafe_pickle, params, k, probes, batches, device,
+         dtype, seed, out, threads, quiet, fast, debug, t0) -> None:
+    import time
+
+    import torch
+
+    from .analyze import analyze as run_analysis
+    from .analyze import default
+
+    if ranks.world > 1:
+        warnings.formatwarning = (lambda m, c, *a, **kw:
+                                  f"curvkit: warning (rank {ranks.rank}): {' '.join(str(m).split())}\n")
+    ranks.agree(_writable_problem(out) if ranks.rank == 0 else None, "rank 0 cannot write the report to --out")
+    show = None if not quiet and ranks.rank == 0 else False
     torch_dtype = getattr(torch, dtype)
     heldout = None
     if model_spec is None:
@@ -145,19 +170,24 @@ def _analyze(model_spec, data_spec, loss_spec, checkpoint, unsafe_pickle, params
     model = model.to(device=device, dtype=torch_dtype)
     batch_list = [_move(b, device, torch_dtype) for b in batch_list]
     heldout = _move(heldout, device, torch_dtype) if heldout is not None else None
+    if ranks.world > 1:
+        batch_list, heldout = ranks.shard(batch_list, heldout)
+        ranks.same_weights(model)
+        description += f"; {ranks.world} processes (torch.distributed), batch i on rank i % {ranks.world}"
     sizes = dict(k=k, probes=probes)
     if fast:
         sizes.update(probes=min(probes, 12), density_probes=3, density_iterations=30, max_matvecs=200)
     report = run_analysis(
         model, loss_fn, batch_list, params=params, heldout=heldout, seed=seed, progress=show,
-        description=description, settings={"command": "curvkit " + " ".join(sys.argv[1:]), "fast": fast},
+        description=description,
+        settings={"command": "curvkit " + " ".join(sys.argv[1:]), "fast": fast, "world_size": ranks.world},
         **sizes,
     )
     try:
-        report.save(out)
+        report.save(out)  # rank 0 only: on the other ranks it writes nothing
     except OSError as e:
         raise ArgumentError(f"--out {out}: cannot write the report there ({e.strerror or e})") from e
-    if not quiet:
+    if not quiet and ranks.rank == 0:
         h, tr, o = report.hessian, report.trace, report.outliers
         acc = report.accuracy["heldout"] if report.accuracy["heldout"] is not None else report.accuracy["data"]
         lines = [
@@ -173,14 +203,94 @@ def _analyze(model_spec, data_spec, loss_spec, checkpoint, unsafe_pickle, params
         typer.echo("\n".join(lines))
 
 
-def _check_writable(out: Path) -> None:
+def _writable_problem(out: Path) -> str | None:
+    """Why the report cannot be written to ``out`` (None: it can); creates the folder."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".curvkit-write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ArgumentError(f"--out {out}: cannot write there ({e.strerror or e}); choose another folder") from None
+        return f"--out {out}: cannot write there ({e.strerror or e}); choose another folder"
+    return None
+
+
+class _Ranks:
+    """This process's place under ``torchrun`` (``WORLD_SIZE`` > 1): it starts the process group
+    if nobody did (gloo on CPU, nccl for CUDA, one GPU per local rank). One process: rank 0 of 1."""
+
+    def __init__(self, rank: int = 0, world: int = 1, device: str = "cpu", started: bool = False):
+        self.rank, self.world, self.device, self.started = rank, world, device, started
+
+    @classmethod
+    def start(cls, device: str) -> _Ranks:
+        import os
+
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+        except ValueError:
+            raise ArgumentError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer; "
+                                "run under torchrun, or unset it") from None
+        if world <= 1:
+            return cls(device=device)
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise ArgumentError(f"WORLD_SIZE={world} but this build of torch has no torch.distributed; "
+                                "run one process")
+        started = not dist.is_initialized()
+        if device.startswith("cuda"):
+            if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+        if started:
+            for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+                if var not in os.environ:
+                    raise ArgumentError(f"WORLD_SIZE={world} but {var} is not set; start the processes with "
+                                        "torchrun (python -m torch.distributed.run --nproc-per-node N ...)")
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), device, started)
+
+    def stop(self) -> None:
+        if self.started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+    def agree(self, problem: str | None, what: str) -> None:
+        """Raise ``problem`` (found on this rank) here, and an error on every other rank."""
+        if self.world > 1:
+            import torch
+            import torch.distributed as dist
+
+            dev = self.device if self.device.startswith("cuda") else "cpu"
+            flag = torch.tensor([1.0 if problem else 0.0], device=dev)
+            dist.all_reduce(flag)
+            if problem is None and float(flag) > 0:
+                raise ArgumentError(f"{what} (see its error); every rank stops")
+        if problem:
+            raise ArgumentError(problem)
+
+    def shard(self, batches: list, heldout):
+        """Batch i to rank i % world; the held-out batch's rows likewise."""
+        if len(batches) < self.world:
+            raise ArgumentError(
+                f"{len(batches)} batch{'es' if len(batches) != 1 else ''} for {self.world} processes: each "
+                "process needs at least one (batch i goes to rank i % world); give more batches (--batches) "
+                "or start fewer processes"
+            )
+        if heldout is not None:
+            x, y = heldout
+            heldout = (x[self.rank :: self.world], y[self.rank :: self.world])
+        return batches[self.rank :: self.world], heldout
+
+    def same_weights(self, model) -> None:
+        """Every rank analyses rank 0's weights and buffers (an unseeded initialisation, say, differs)."""
+        import torch.distributed as dist
+
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
 
 
 def _load_attr(spec: str, flag: str) -> Any:
@@ -281,6 +391,33 @@ def _move(batch, device: str, dtype) -> tuple:
     return x, y
 
 
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first object of a torch.save file in the pre-zip format
+
+
+def _is_plain_pickle(path: Path) -> bool:
+    """A pickle stream (``pickle.dump``) that is not a torch.save file: neither a zip archive nor
+    torch's legacy format (a pickled magic number first). Reads the first opcodes only."""
+    import io
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return False
+    with path.open("rb") as fh:
+        head = fh.read(64)
+    try:
+        ops = pickletools.genops(io.BytesIO(head))
+        first = next(ops)
+        if first[0].name != "PROTO":  # protocol >= 2, as pickle.dump writes by default
+            return False
+        for op, arg, _ in ops:
+            if op.name != "FRAME":
+                return not (op.name in ("LONG1", "LONG4") and arg == _LEGACY_MAGIC)
+    except (ValueError, StopIteration):  # not a pickle stream at all: torch.load will say so
+        return False
+    return False
+
+
 def _load_checkpoint(model, path: Path, unsafe: bool) -> None:
     import pickle
 
@@ -289,6 +426,12 @@ def _load_checkpoint(model, path: Path, unsafe: bool) -> None:
 
     if not path.is_file():
         raise ArgumentError(f"--checkpoint {path}: no such file")
+    if _is_plain_pickle(path):
+        raise ModelError(
+            f"--checkpoint {path} is a plain pickle file (written by pickle.dump), not a torch.save "
+            "checkpoint, so torch.load cannot read it, with or without --unsafe-pickle; save the weights "
+            "with torch.save(model.state_dict(), 'model.pt') and pass that file"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -299,7 +442,11 @@ def _load_checkpoint(model, path: Path, unsafe: bool) -> None:
                 f"will not load ({first}); pass --unsafe-pickle only if you trust the file, or save "
                 "model.state_dict() instead"
             ) from None
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:  # the user trusted the file, but it still does not load
+            raise ModelError(f"--checkpoint {path}: cannot be read by torch.load even with --unsafe-pickle "
+                             f"({type(e2).__name__}: {e2}); save model.state_dict() with torch.save instead") from e2
     except Exception as e:
         raise ModelError(f"--checkpoint {path}: cannot be read by torch.load ({type(e).__name__}: {e})") from e
     if isinstance(state, nn.Module):

@@ -75,7 +75,17 @@ class Report:
         return [plot_spectrum(self, d / "spectrum.png"), plot_layers(self, d / "layers.png")]
 
     def save(self, directory: str | Path) -> list[Path]:
-        """Write report.json, report.md, spectrum.png and layers.png into ``directory``. Free."""
+        """Write report.json, report.md, spectrum.png and layers.png into ``directory`` and return
+        their paths. Free.
+
+        Under ``torch.distributed`` (an initialised process group), only rank 0 writes: on every
+        other rank ``save`` writes nothing (not even the folder) and returns ``[]``, so ranks that
+        share a file system do not race on the same files. Every rank holds the same report.
+        """
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return []
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / "report.json").write_text(self.to_json() + "\n")

@@ -15,7 +15,9 @@ pass over the data through :meth:`Risk.accumulate`, which owns, once:
 - **distribution**: under ``torch.distributed`` each rank passes its own shard of the data and
   every rank gets the sum over all ranks, from ONE all-reduce per pass (of the weighted sums, the
   weights, the loss and a few checks). Ranks that disagree (parameter counts, the vectors
-  multiplied) are refused with a clear message instead of being silently averaged.
+  multiplied) are refused with a clear message instead of being silently averaged, and an
+  error on one rank (a NaN loss, bad data) is raised on every rank instead of leaving the
+  others waiting in the all-reduce.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import (ArgumentError, DataError, FallbackWarning, LossError, ModelError, NonFiniteError,
-                      TooLargeError)
+from ..errors import (ArgumentError, CurvkitError, DataError, FallbackWarning, LossError, ModelError,
+                      NonFiniteError, ShapeError, TooLargeError)
 from .data import Batches, split_batch, tensors_of
 from .kernels import differentiable_kernels, fused_op
 from .losses import LossSpec, loss_spec
@@ -88,6 +90,18 @@ class Risk:
                  mode: Mode = "eval", reduction: str | None = None, output: Any = None,
                  max_batch: int | None = None, distributed: bool | None = None,
                  space: ParamSpace | None = None, spec: LossSpec | None = None):
+        self.group = _process_group(distributed)
+        try:
+            self._build(model, loss_fn, data, params, mode, reduction, output, max_batch, space, spec)
+        except Exception as e:  # one rank's mistake must stop every rank, not leave them waiting
+            if self.group is None:
+                raise
+            self._agree("parameter count", 0.0, failed=e)
+            raise  # pragma: no cover (_agree re-raises e)
+        if self.group is not None:
+            self._agree("parameter count", float(self.space.dim))
+
+    def _build(self, model, loss_fn, data, params, mode, reduction, output, max_batch, space, spec) -> None:
         if mode not in ("eval", "train"):
             raise ModelError(f"mode must be 'eval' or 'train', got {mode!r}")
         if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
@@ -105,14 +119,11 @@ class Risk:
         if mode == "train":
             refuse_active_dropout(model)
         self.batches = data if isinstance(data, Batches) else Batches(data)
-        self.group = _process_group(distributed)
         if spec is None:
             out, y = self._validate()
             spec = loss_spec(loss_fn, out, y, reduction)
         self.spec = spec
         self.reduction = spec.reduction
-        if self.group is not None:
-            self._agree("parameter count", float(self.space.dim))
 
     # the model as a function ------------------------------------------------------------
     def function(self) -> Callable[[dict[str, Tensor], Any], Any]:
@@ -182,6 +193,14 @@ class Risk:
         sums. ``check``: a few numbers that must be equal on every rank (e.g. statistics of the
         vectors multiplied), compared in the same all-reduce. Cost: one pass, each batch one
         call of ``fn``; one all-reduce when distributed; one host sync at the end.
+
+        ``index`` is the piece's key (:meth:`pieces`); under ``torch.distributed`` its batch part
+        is the batch's place in the round-robin order over ranks, ``i * world + rank`` for batch
+        ``i`` of ``rank``, so that per-batch random draws seeded by it (MC Fisher, MC K-FAC) are
+        the same as one process on all the data when batch ``j`` is given to rank ``j % world``,
+        and differ between ranks however the data is sharded. An error on one rank is raised on every rank (the others
+        raise its class, naming that rank), except one met before this rank's first batch is done
+        (the size of the all-reduce is not known yet): that one stays on its rank.
         """
         sums: list[Tensor] | None = None
         losses: list[Tensor] = []  # each batch's loss, for the error that names a bad one
@@ -189,33 +208,44 @@ class Risk:
         where: list[int] = []
         weight: Any = 0.0
         examples = 0
-        with self.in_mode():
-            for i, key, x, y in self.pieces():
-                parts, loss, w = self._fit(fn, x, y, key, i)
-                sums = [p.clone() for p in parts] if sums is None else [s.add_(p) for s, p in zip(sums, parts)]
-                weight = weight + w
-                examples += int(y.shape[0])
-                losses.append(loss.detach().reshape(()).to(torch.float64))
-                weighted.append(losses[-1] * w)
-                where.append(i)
+        failed: Exception | None = None
+        world, rank = (1, 0) if self.group is None else (self.world, dist.get_rank(self.group))
+        try:
+            with self.in_mode():
+                for i, key, x, y in self.pieces():
+                    # the batch's place in the round-robin order over ranks (key = i + piece bits)
+                    parts, loss, w = self._fit(fn, x, y, key + i * (world - 1) + rank, i)
+                    sums = [p.clone() for p in parts] if sums is None else [s.add_(p) for s, p in zip(sums, parts)]
+                    weight = weight + w
+                    examples += int(y.shape[0])
+                    losses.append(loss.detach().reshape(()).to(torch.float64))
+                    weighted.append(losses[-1] * w)
+                    where.append(i)
+        except Exception as e:
+            # the other ranks are (or will be) in the all-reduce: join it to tell them, which needs
+            # the sums' sizes, known once a batch is done (a failure before that stays local)
+            if self.group is None or sums is None:
+                raise
+            failed = e
         assert sums is not None  # Batches guarantees a batch
         loss_t = torch.stack(losses)
         bad_local = ~torch.isfinite(loss_t)
         stats = [torch.stack(weighted).nansum().reshape(1), torch.as_tensor(weight, dtype=torch.float64, device=loss_t.device).reshape(1),
                  torch.tensor([float(examples)], dtype=torch.float64, device=loss_t.device),
                  bad_local.sum().reshape(1).to(torch.float64)]
+        codes = None
         if self.group is not None:
-            sums, stats = self._all_reduce(sums, stats, check)
+            sums, stats, codes = self._all_reduce(sums, stats, check, failed, bad_local.any())
         loss_sum, total_w, n, bad = (float(s) for s in stats)
-        if bad:
-            if bool(bad_local.any()):
-                j = int(bad_local.nonzero()[0, 0])
-                raise NonFiniteError(
-                    f"the loss is {float(loss_t[j])} on batch {where[j]}"
-                    f"{self._rank_text()}; the curvature of a non-finite loss is meaningless. Check that "
-                    "batch's inputs and the model's parameters for NaN/inf"
-                )
-            raise NonFiniteError("another rank met a NaN/inf loss (see its error); nothing was averaged in")
+        if bad and bool(bad_local.any()):
+            j = int(bad_local.nonzero()[0, 0])
+            raise NonFiniteError(
+                f"the loss is {float(loss_t[j])} on batch {where[j]}"
+                f"{self._rank_text()}; the curvature of a non-finite loss is meaningless. Check that "
+                "batch's inputs and the model's parameters for NaN/inf"
+            )
+        if codes is not None:
+            self._raise_failures(codes, None, f"during this pass over the data ({what})")
         if not all(bool(torch.isfinite(s).all()) for s in sums):
             raise NonFiniteError(
                 f"a {what} is NaN or inf although every loss is finite (overflow in the second "
@@ -346,33 +376,74 @@ class Risk:
     def _rank_text(self) -> str:
         return "" if self.group is None else f" of rank {dist.get_rank(self.group)}"
 
-    def _agree(self, what: str, value: float) -> None:
-        """Refuse ranks that hold different ``value`` (one all-reduce of ``[v, v^2]``)."""
-        t = torch.tensor([value, value * value, 1.0], dtype=torch.float64, device=self._comm_device())
+    def _agree(self, what: str, value: float, failed: BaseException | None = None) -> None:
+        """Refuse ranks that hold different ``value`` (one all-reduce of ``[v, v^2, 1]`` and
+        each rank's failure code). ``failed``: this rank's own error, raised here after the
+        all-reduce so that the other ranks learn of it instead of waiting for this rank."""
+        codes = self._failure_codes(failed)
+        t = torch.cat([torch.tensor([value, value * value, 1.0], dtype=torch.float64), codes]).to(self._comm_device())
         dist.all_reduce(t, group=self.group)
+        self._raise_failures(t[3:], failed, "while checking its model and data")
         if not _all_equal(t[0], t[1], t[2]):
             raise ModelError(
                 f"the ranks disagree on the {what} (this rank has {value:g}): every rank must build the "
                 "same model and choose the same parameters; only the data differs between ranks"
             )
 
-    def _comm_device(self) -> torch.device:
-        return torch.device("cpu") if dist.get_backend(self.group) == "gloo" else self.space.device
+    def _failure_codes(self, failed: BaseException | None) -> Tensor:
+        """One number per rank, the others zero: this rank's error class (0: none)."""
+        codes = torch.zeros(self.world, dtype=torch.float64)
+        if failed is not None:
+            codes[dist.get_rank(self.group)] = _error_code(failed)
+        return codes
 
-    def _all_reduce(self, sums: list[Tensor], stats: list[Tensor], check: Tensor | None):
+    def _raise_failures(self, codes: Tensor, failed: BaseException | None, when: str) -> None:
+        """After the all-reduce: re-raise this rank's error, or raise the class of the first
+        rank that failed, so that every rank stops with the same kind of error."""
+        if failed is not None:
+            raise failed
+        bad = [(r, int(round(float(c)))) for r, c in enumerate(codes.tolist()) if c]
+        if bad:
+            r, code = bad[0]
+            cls = _SHARED_ERRORS[code - 1] if code <= len(_SHARED_ERRORS) else CurvkitError
+            what = cls.__name__ if code <= len(_SHARED_ERRORS) else "an error that is not curvkit's"
+            others = f" (and ranks {', '.join(str(q) for q, _ in bad[1:])})" if len(bad) > 1 else ""
+            raise cls(
+                f"rank {r}{others} stopped with {what} {when}; its own message says what is wrong there. "
+                "Every rank stops here so that none waits for it forever"
+            )
+
+    def _comm_device(self) -> torch.device:
+        if dist.get_backend(self.group) == "gloo":
+            return torch.device("cpu")
+        space = getattr(self, "space", None)  # absent when building the space itself failed
+        return space.device if space is not None else torch.device("cuda", torch.cuda.current_device())
+
+    def _all_reduce(self, sums: list[Tensor], stats: list[Tensor], check: Tensor | None,
+                    failed: BaseException | None, nonfinite: Tensor):
+        """One all-reduce of the sums, the stats, every rank's failure code (``failed``, or a
+        non-finite loss) and ``check``'s agreement test. Re-raises ``failed`` after it; raises
+        ArgumentError on every rank if ``check`` differs. Returns the sums, the stats and the
+        failure codes (one per rank) for the caller to raise on."""
         dev = self._comm_device()
         acc = sums[0].dtype
         flat = torch.cat([s.reshape(-1).to(acc) for s in sums])
-        extra = torch.cat(stats).to(acc)
+        codes = self._failure_codes(failed).to(nonfinite.device)
+        if failed is None:  # no host sync: the code is set on the device
+            codes[dist.get_rank(self.group)] = nonfinite.to(torch.float64) * _error_code(NonFiniteError(""))
+        extra = torch.cat([torch.cat(stats).to(torch.float64), codes])
         if check is not None:
-            c = check.detach().reshape(-1).to(torch.float64)
-            extra = torch.cat([extra, torch.stack([c, c * c], 1).reshape(-1).to(acc),
-                               torch.ones(1, dtype=acc, device=extra.device)])
-        buf = torch.cat([flat.to(dev), extra.to(dev)])
+            c = check.detach().reshape(-1).to(device=extra.device, dtype=torch.float64)
+            extra = torch.cat([extra, torch.stack([c, c * c], 1).reshape(-1), extra.new_ones(1)])
+        buf = torch.cat([flat.to(dev), extra.to(device=dev, dtype=acc)])
         dist.all_reduce(buf, group=self.group)
-        flat, extra = buf[: flat.numel()].to(sums[0].device), buf[flat.numel():].to(torch.float64)
-        if check is not None:
-            c, W = extra[4:-1].reshape(-1, 2), extra[-1]
+        if failed is not None:
+            raise failed
+        head = len(stats) + self.world
+        flat, extra = buf[: flat.numel()].to(sums[0].device), buf[flat.numel():].to(device="cpu", dtype=torch.float64)
+        codes = extra[len(stats):head]
+        if check is not None and not codes.any():
+            c, W = extra[head:-1].reshape(-1, 2), extra[-1]
             tol = 1e-9 if acc == torch.float64 else 1e-4
             if not all(_all_equal(s, s2, W, tol) for s, s2 in c):
                 raise ArgumentError(
@@ -384,7 +455,22 @@ class Risk:
         for s in sums:
             out.append(flat[i : i + s.numel()].view_as(s).to(s.dtype))
             i += s.numel()
-        return out, [extra[j] for j in range(4)]
+        return out, [extra[j] for j in range(len(stats))], codes
+
+
+# the classes a rank's failure is announced as on the other ranks (code = index + 1)
+_SHARED_ERRORS = (NonFiniteError, DataError, ModelError, LossError, ArgumentError, ShapeError, TooLargeError,
+                  CurvkitError)
+
+
+def _error_code(e: BaseException) -> int:
+    for j, cls in enumerate(_SHARED_ERRORS):
+        if type(e) is cls:
+            return j + 1
+    for j, cls in enumerate(_SHARED_ERRORS):  # a subclass: announced as its nearest listed base
+        if isinstance(e, cls):
+            return j + 1
+    return len(_SHARED_ERRORS) + 1
 
 
 def output_hint(out: Any) -> str:
