@@ -19,13 +19,13 @@ Batch = tuple[Any, Tensor]
 
 
 def is_batch(data: Any) -> bool:
-    """True for a single ``(inputs, targets)`` pair of tensors (not a list of batches)."""
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[0], Tensor)
-        and isinstance(data[1], Tensor)
-    )
+    """True for a single ``(inputs, targets)`` pair (not a list of batches): targets a tensor,
+    inputs a tensor or a nest of dicts, tuples and lists holding tensors (a list of batches has a
+    pair, never a tensor, in second place)."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)):
+        return False
+    x = data[0]
+    return isinstance(x, Tensor) or (isinstance(x, (dict, tuple, list)) and bool(tensors_of(x)))
 
 
 class Batches:
