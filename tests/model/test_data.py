@@ -29,6 +29,23 @@ def test_one_batch_with_dict_inputs_is_one_batch():
     assert Batches(((randn(4, 2), randn(4, 3)), randn(4))).sizes == [4]
 
 
+class _EmptyAfterFirst:
+    """An iterable whose second pass yields nothing (an exhausted stream behind a re-iterable facade)."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches if self.passes == 1 else [])
+
+
+def test_data_empty_on_its_second_pass_is_a_data_error():
+    case = BY_NAME["mlp-ce-mean"]
+    with pytest.raises(DataError, match="changed between passes"):
+        ck.hessian(case.build(), case.loss(), _EmptyAfterFirst(case.batches()))
+
+
 def test_split_batch_cuts_every_input_tensor():
     x = {"a": randn(5, 2), "b": (randn(5, 3), "keep")}
     pieces = split_batch(x, torch.arange(5), 2)
