@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConvergenceWarning
+from ..errors import ArgumentError, ConvergenceWarning
 from ._util import apply, check_symmetric, gaussian, generator
 from .results import EigenResult
 
@@ -26,6 +26,10 @@ def power_iteration(
     products and finds several eigenvalues.
     """
     n = check_symmetric(A, "power_iteration")
+    if not isinstance(max_matvecs, int) or isinstance(max_matvecs, bool) or max_matvecs < 1:
+        raise ArgumentError(f"max_matvecs must be a positive integer (a product budget), got {max_matvecs!r}")
+    if not tol > 0:
+        raise ArgumentError(f"tol must be positive (a relative residual), got {tol!r}")
     gen = generator(seed)
     v = gaussian(n, 1, gen, A.dtype, A.device)[:, 0]
     v = v / v.norm()
