@@ -143,7 +143,6 @@ def test_markdown_and_plots(mlp_report, tmp_path):
 
 
 def test_same_seed_same_report():
-    report, _, _ = least_squares
     model = nn.Linear(3, 2)
     x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
     a = ck.analyze(model, nn.CrossEntropyLoss(), (x, y), k=2, probes=8, density_iterations=5, progress=False)
