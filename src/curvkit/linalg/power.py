@@ -20,10 +20,18 @@ def power_iteration(
 ) -> EigenResult:
     """Dominant eigenpair (largest |lambda|) of a symmetric operator by power iteration.
 
-    Stops when the residual ``||A v - lambda v||`` falls below ``tol * |lambda|``.
+    Stops when the residual ``||A v - lambda v||`` falls below ``tol * |lambda|``; a budget
+    that runs out returns ``converged=False`` with a :class:`~curvkit.errors.ConvergenceWarning`.
     Cost: one operator product per iteration, at most ``max_matvecs``. Convergence is linear
     with rate |lambda_2 / lambda_1|; :func:`curvkit.eigenvalues` (Lanczos) needs far fewer
     products and finds several eigenvalues.
+
+    Example:
+        >>> import torch, curvkit as ck
+        >>> A = torch.diag(torch.tensor([10.0, 5.0, 1.0, -2.0], dtype=torch.float64))
+        >>> r = ck.power_iteration(A, max_matvecs=200, tol=1e-10)
+        >>> r.converged, round(float(r.values[0]), 8)   # rate 5/10: about 30 products
+        (True, 10.0)
     """
     n = check_symmetric(A, "power_iteration")
     if not isinstance(max_matvecs, int) or isinstance(max_matvecs, bool) or max_matvecs < 1:

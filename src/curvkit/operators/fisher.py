@@ -31,6 +31,20 @@ class FisherOperator(OutputSpaceOperator):
 
     Cost of ``F @ V`` with V (n, k): as for the GGN, one pass over the data with two forwards
     and one backward per batch.
+
+    Example:
+        >>> import torch, curvkit as ck
+        >>> from curvkit.model import per_example_gradients
+        >>> g = torch.Generator().manual_seed(0)
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (8,), generator=g)
+        >>> F = ck.fisher(model, torch.nn.CrossEntropyLoss(), (x, y))   # kind="empirical"
+        >>> rows = per_example_gradients(model, torch.nn.CrossEntropyLoss(), (x, y))
+        >>> torch.allclose(F.dense(), rows.T @ rows / 8)   # one term per example, mean: c = 1/8
+        True
+        >>> Fmc = ck.fisher(model, torch.nn.CrossEntropyLoss(), (x, y), kind="mc", seed=0)
+        >>> torch.equal(Fmc.dense(), Fmc.dense())          # one fixed draw per seed
+        True
     """
 
     _what = "the Fisher"
