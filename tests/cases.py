@@ -311,8 +311,8 @@ class Case:
     the references (it differs only where ``loss`` is a curvkit spec); ``terms(out, y)`` the loss's
     per-term values with ``loss = c * terms.sum()``. ``kfac``: "exact" (one datum gives the GGN's
     layer blocks, over ``kfac_params``), "refused" (weight sharing or tying: ModelError), or None.
-    ``mc``: the Monte-Carlo Fisher's expectation is the GGN of ``mc_target(model)``'s
-    ``(module, loss)`` (default: this case's own GGN). ``linear``: the loss is linear in the
+    The Monte-Carlo Fisher's expectation is the GGN of ``mc_target(model)``'s ``(module, loss)``
+    (default: this case's own GGN). ``linear``: the loss is linear in the
     outputs (a zero GGN, with a LossWarning). ``seq``: targets have a position dimension.
     """
 
@@ -326,7 +326,6 @@ class Case:
     output: Any = None
     kfac: str | None = "exact"
     kfac_params: Any = None
-    mc: bool = True
     mc_target: Callable[[nn.Module], tuple[nn.Module, Any]] | None = None
     linear: bool = False
     ignore_index: int | None = None
