@@ -6,7 +6,7 @@ from torch import nn
 
 import curvkit as ck
 from curvkit.errors import ArgumentError, LossError, ModelError
-from cases import CASES, assert_close, layer_slices, params, ref_ggn
+from cases import CASES, assert_close, layer_slices, params, ref_empirical_fisher, ref_ggn
 
 D = torch.float64
 
@@ -249,7 +249,8 @@ EXACT = [c for c in CASES if c.kfac == "exact"]
 @pytest.mark.parametrize("case", params(EXACT))
 def test_one_datum_gives_the_ggn_layer_blocks(case):
     """One example (one position of a sequence): each layer's K-FAC block is that layer's block of
-    the exact GGN (from J^T H_out J), and the blocks between layers are zero."""
+    the exact GGN (from J^T H_out J), the blocks between layers are zero, and the empirical kind's
+    blocks are the empirical Fisher's."""
     model, datum = case.build(), case.datum()
     K = ck.kfac(model, case.loss(), datum, params=case.kfac_params, output=case.output)
     G = ref_ggn(model, case.ref_loss(), datum, names=K.param_names, output=case.output)
@@ -262,6 +263,11 @@ def test_one_datum_gives_the_ggn_layer_blocks(case):
             if b != a:
                 assert Kd[a, b].abs().max() == 0
     assert G.abs().max() > 1e-3
+    # the empirical kind on one datum (one term): the empirical Fisher's layer blocks
+    E = ck.kfac(model, case.loss(), datum, params=case.kfac_params, output=case.output, kind="empirical").dense()
+    Fr = ref_empirical_fisher(model, case.ref_loss(), case.terms, datum, names=K.param_names, output=case.output)
+    for a in blocks.values():
+        assert_close(E[a, a], Fr[a, a])
 
 
 @pytest.mark.parametrize("case", params(EXACT))
