@@ -338,3 +338,14 @@ def test_gpt2_conv1d_is_exact_for_one_datum():
                                             ck.kfac(lin, nn.CrossEntropyLoss(), (xb, yb)).factors.items()):
         assert_close(A1, A2)
         assert_close(G1, G2)
+
+
+def test_mc_pieces_of_a_batch_draw_their_own_samples():
+    """Regression: with max_batch the pieces of a batch continue its random stream (each restarted
+    it, so all drew the same targets): two identical examples in pieces of one draw two targets."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(D)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, 4, generator=g, dtype=D).repeat(2, 1), torch.randn(1, 3, generator=g, dtype=D).repeat(2, 1)
+    for cut in (None, 1):
+        _, G = ck.kfac(model, nn.MSELoss(), (x, y), kind="mc", seed=0, max_batch=cut).factors["2"]
+        assert int(torch.linalg.matrix_rank(G)) == 2, cut  # one residual per example: rank 1 each

@@ -111,3 +111,15 @@ def test_mc_fisher_mc_samples_average():
     )
     mean, stderr = samples.mean(0), samples.std(0) / S**0.5
     assert ((mean - exact).abs() < 4 * stderr).all(), ((mean - exact) / stderr)
+
+
+def test_mc_pieces_of_a_batch_draw_their_own_samples():
+    """Regression: with max_batch, the pieces of a batch continue that batch's random stream (each
+    piece restarted it, so all drew the same targets): two identical examples cut into pieces of
+    one still get two different draws, as they do in one piece."""
+    model = make_model("mlp")
+    x, y = randn(1, 4).repeat(2, 1), randn(1, 3, seed=1).repeat(2, 1)
+    for cut in (None, 1):
+        F_mc = ck.fisher(model, torch.nn.MSELoss(), (x, y), kind="mc", seed=0, max_batch=cut).dense()
+        # one term (row) per example: rank 1 each, rank 2 unless both examples drew the same target
+        assert int(torch.linalg.matrix_rank(F_mc)) == 2, cut
