@@ -312,8 +312,8 @@ class Case:
     per-term values with ``loss = c * terms.sum()``. ``kfac``: "exact" (one datum gives the GGN's
     layer blocks, over ``kfac_params``), "refused" (weight sharing or tying: ModelError), or None.
     The Monte-Carlo Fisher's expectation is the GGN of ``mc_target(model)``'s ``(module, loss)``
-    (default: this case's own GGN). ``linear``: the loss is linear in the
-    outputs (a zero GGN, with a LossWarning). ``seq``: targets have a position dimension.
+    (default: this case's own GGN). ``linear``: the loss is linear in the outputs (a zero GGN,
+    with a LossWarning). ``seq``: inputs and targets have a position dimension after the batch.
     """
 
     name: str
