@@ -6,6 +6,23 @@
 and each knows whether it is symmetric (:attr:`LinearOperator.is_symmetric`) and what its adjoint
 is (:meth:`LinearOperator.adjoint`), so that algorithms which need symmetry can refuse the rest
 and ``to_scipy().rmatvec`` multiplies by the transpose.
+
+Example:
+    >>> import torch
+    >>> from curvkit.linear_operator import FunctionOperator, identity_like
+    >>> M = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    >>> A = FunctionOperator(lambda V: M @ V, 2, torch.float64)    # symmetric unless told otherwise
+    >>> D = A + 0.5 * identity_like(A)                              # damping needs no special code
+    >>> D @ torch.ones(2, dtype=torch.float64)
+    tensor([3.5000, 4.5000], dtype=torch.float64)
+    >>> D.is_symmetric, (D @ D).is_symmetric, (A @ D).is_symmetric  # a product of two is not assumed
+    (True, True, False)
+    >>> K = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)
+    >>> N = FunctionOperator(lambda V: K @ V, 2, torch.float64, symmetric=False, rmatmat=lambda V: K.T @ V)
+    >>> N.T @ torch.tensor([1.0, 0.0], dtype=torch.float64)       # the adjoint: K^T e_1
+    tensor([1., 2.], dtype=torch.float64)
+    >>> (A @ N).to_scipy().rmatvec([1.0, 0.0])                    # (A N)^T x = N^T A^T x
+    array([2., 5.])
 """
 
 from __future__ import annotations
@@ -269,7 +286,9 @@ class FunctionOperator(LinearOperator):
 class BlockDiagonalOperator(LinearOperator, Mapping):
     """``diag(B_1, ..., B_m)`` over consecutive slices of the flat vector: one product of each
     block per product. Also a read-only mapping ``name -> block`` in order (``ops.items()``), which
-    is how the linear-algebra functions run once per block (``ck.trace(H.blocks("layer"))``)."""
+    is how ``by="layer"`` runs a linear-algebra function once per block (``ck.trace(H, by="layer")``
+    iterates ``H.blocks("layer").items()``; ``ck.trace(H.blocks("layer"))`` is one trace of the
+    whole block-diagonal matrix)."""
 
     def __init__(self, blocks: Mapping[str, LinearOperator]):
         if not blocks:

@@ -67,12 +67,32 @@ def test_known_gradient_fraction(least_squares):
     assert abs(report.gradient["fraction_in_top_k"] - exact) <= bound, (exact, bound)
 
 
-def test_density_integrates_to_one(least_squares):
+def test_density_is_the_known_spectrum_smoothed(least_squares):
+    """The density is normalised over its grid, so check what normalising cannot hide: each
+    probe's quadrature weights sum to one, the nodes lie in the known spectrum's range, the grid
+    holds the smoothed quadrature's whole mass, and the CDF is the exact spectrum's smoothed CDF."""
     report, H, _ = least_squares
     d = report.density
-    mass = torch.trapezoid(torch.tensor(d["density"]), torch.tensor(d["grid"]))
-    assert float(mass) == pytest.approx(1.0, abs=1e-6)
+    lam = torch.linalg.eigvalsh(H)
+    t, rho = torch.tensor(d["grid"], dtype=torch.float64), torch.tensor(d["density"], dtype=torch.float64)
+    nodes, weights, sigma = (torch.tensor(d["nodes"], dtype=torch.float64),
+                             torch.tensor(d["weights"], dtype=torch.float64), d["sigma"])
+    assert torch.allclose(weights.sum(1), torch.ones(d["probes"], dtype=torch.float64), atol=1e-10)
+    assert float(nodes.min()) >= float(lam[0]) - 1e-8 and float(nodes.max()) <= float(lam[-1]) + 1e-8
+    Phi = lambda x: 0.5 * (1 + torch.erf((x - nodes) / (sigma * math.sqrt(2))))  # noqa: E731
+    mass = float(((Phi(t[-1]) - Phi(t[0])) * weights).sum(1).mean())
+    assert 1 - 1e-6 <= mass <= 1 + 1e-10
+    raw = (torch.exp(-0.5 * ((t[:, None, None] - nodes[None]) / sigma) ** 2) * weights[None]).sum(-1).mean(1)
+    raw = raw / (sigma * math.sqrt(2 * math.pi))
+    assert float((rho - raw).abs().max()) <= 1e-4 * float(raw.max())
     assert len(d["density_stderr"]) == len(d["grid"])
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumulative_trapezoid(rho, t)])
+    q = torch.quantile(lam, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    idx = torch.searchsorted(t, q)
+    exact = 0.5 * (1 + torch.erf((t[idx][:, None] - lam[None]) / (sigma * math.sqrt(2)))).mean(1)
+    n = H.shape[0]
+    tol = 4 * torch.sqrt(2 * exact * (1 - exact) / ((n + 2) * d["probes"])) + 2e-3
+    assert ((cdf[idx] - exact).abs() < tol).all(), (cdf[idx] - exact, tol)
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +142,7 @@ def test_markdown_and_plots(mlp_report, tmp_path):
         assert 600 <= w <= 2000 and 250 <= h <= 1500, (name, w, h)
 
 
-def test_same_seed_same_report(least_squares):
-    report, _, _ = least_squares
+def test_same_seed_same_report():
     model = nn.Linear(3, 2)
     x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
     a = ck.analyze(model, nn.CrossEntropyLoss(), (x, y), k=2, probes=8, density_iterations=5, progress=False)

@@ -6,6 +6,7 @@ from torch import nn
 
 import curvkit as ck
 from curvkit.errors import ArgumentError, LossError, ModelError
+from cases import CASES, assert_close, layer_slices, params, ref_empirical_fisher, ref_ggn
 
 D = torch.float64
 
@@ -238,3 +239,113 @@ def test_bf16_model_keeps_float32_factors():
     assert all(A.dtype == torch.float32 and G.dtype == torch.float32 for A, G in K.factors.values())
     v = torch.randn(K.shape[0], dtype=torch.bfloat16)
     assert (K @ v).dtype == torch.bfloat16 and torch.isfinite((K.inverse(1e-2) @ v).float()).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared cases: where K-FAC is exact, where it must refuse
+EXACT = [c for c in CASES if c.kfac == "exact"]
+
+
+@pytest.mark.parametrize("case", params(EXACT))
+def test_one_datum_gives_the_ggn_layer_blocks(case):
+    """One example (one position of a sequence): each layer's K-FAC block is that layer's block of
+    the exact GGN (from J^T H_out J), the blocks between layers are zero, and the empirical kind's
+    blocks are the empirical Fisher's."""
+    model, datum = case.build(), case.datum()
+    K = ck.kfac(model, case.loss(), datum, params=case.kfac_params, output=case.output)
+    G = ref_ggn(model, case.ref_loss(), datum, names=K.param_names, output=case.output)
+    Kd = K.dense()
+    blocks = layer_slices(model, K.param_names)
+    assert list(blocks) == list(K.factors)
+    for a in blocks.values():
+        assert_close(Kd[a, a], G[a, a])
+        for b in blocks.values():
+            if b != a:
+                assert Kd[a, b].abs().max() == 0
+    assert G.abs().max() > 1e-3
+    # the empirical kind on one datum (one term): the empirical Fisher's layer blocks
+    E = ck.kfac(model, case.loss(), datum, params=case.kfac_params, output=case.output, kind="empirical").dense()
+    Fr = ref_empirical_fisher(model, case.ref_loss(), case.terms, datum, names=K.param_names, output=case.output)
+    for a in blocks.values():
+        assert_close(E[a, a], Fr[a, a])
+
+
+@pytest.mark.parametrize("case", params(EXACT))
+def test_rebatching_and_max_batch_do_not_change_kfac(case):
+    model, loss_fn = case.build(), case.loss()
+    one = ck.kfac(model, loss_fn, case.one_batch(), params=case.kfac_params, output=case.output).dense()
+    uneven = ck.kfac(model, loss_fn, case.batches(), params=case.kfac_params, output=case.output).dense()
+    cut = ck.kfac(model, loss_fn, case.batches(), params=case.kfac_params, output=case.output, max_batch=2).dense()
+    assert_close(uneven, one)
+    assert_close(cut, one)
+
+
+@pytest.mark.parametrize("case", params([c for c in CASES if c.kfac == "refused"]))
+def test_weight_sharing_and_tying_are_refused(case):
+    with pytest.raises(ModelError, match="called more than once|tied"):
+        ck.kfac(case.build(), case.loss(), case.batches(), output=case.output)
+
+
+def test_inplace_relu_after_a_layer_keeps_the_type2_blocks_exact():
+    """Regression: Linear -> ReLU(inplace=True) -> Linear under MSE, one datum: K-FAC's blocks are
+    the GGN's (the hook once read the output gradient after the in-place ReLU: 33% off)."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).to(D)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(1, 4, generator=g, dtype=D), torch.randn(1, 3, generator=g, dtype=D)
+    with torch.no_grad():
+        assert 0 < int((model[0](x) > 0).sum()) < 6  # some units active, some not: the ReLU matters
+    K = ck.kfac(model, nn.MSELoss(), (x, y)).dense()
+    G = ref_ggn(model, nn.MSELoss(), [(x, y)])
+    for a in layer_slices(model, [n for n, _ in model.named_parameters()]).values():
+        assert_close(K[a, a], G[a, a])
+
+
+class Conv1D(nn.Module):
+    """transformers' GPT-2 Conv1D: the weight stored (in, out), ``x W + b`` by addmm."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+def test_gpt2_conv1d_is_exact_for_one_datum():
+    """Regression: a transposed linear layer (GPT-2's Conv1D) is a K-FAC layer, and exact on one datum."""
+    model = nn.Sequential(Conv1D(5, 4), nn.Tanh(), Conv1D(3, 5)).to(D)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, 4, generator=g, dtype=D), torch.tensor([2])
+    K = ck.kfac(model, nn.CrossEntropyLoss(), (x, y))
+    assert {name: G.shape[0] for name, (_, G) in K.factors.items()} == {"0": 5, "2": 3}  # out, not in
+    G = ref_ggn(model, nn.CrossEntropyLoss(), [(x, y)])
+    Kd = K.dense()
+    blocks = list(layer_slices(model, K.param_names).values())
+    for a in blocks:
+        assert_close(Kd[a, a], G[a, a])
+    assert Kd[blocks[0], blocks[1]].abs().max() == 0 and G[blocks[0], blocks[1]].abs().max() > 1e-3
+    # and on a batch it is the same approximation as the equivalent nn.Linear layers
+    lin = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(D)
+    with torch.no_grad():
+        for i in (0, 2):
+            lin[i].weight.copy_(model[i].weight.T)
+            lin[i].bias.copy_(model[i].bias)
+    xb, yb = torch.randn(6, 4, generator=g, dtype=D), torch.randint(0, 3, (6,), generator=g)
+    for (a, (A1, G1)), (b, (A2, G2)) in zip(ck.kfac(model, nn.CrossEntropyLoss(), (xb, yb)).factors.items(),
+                                            ck.kfac(lin, nn.CrossEntropyLoss(), (xb, yb)).factors.items()):
+        assert_close(A1, A2)
+        assert_close(G1, G2)
+
+
+def test_mc_pieces_of_a_batch_draw_their_own_samples():
+    """Regression: with max_batch the pieces of a batch continue its random stream (each restarted
+    it, so all drew the same targets): two identical examples in pieces of one draw two targets."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(D)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, 4, generator=g, dtype=D).repeat(2, 1), torch.randn(1, 3, generator=g, dtype=D).repeat(2, 1)
+    for cut in (None, 1):
+        _, G = ck.kfac(model, nn.MSELoss(), (x, y), kind="mc", seed=0, max_batch=cut).factors["2"]
+        assert int(torch.linalg.matrix_rank(G)) == 2, cut  # one residual per example: rank 1 each

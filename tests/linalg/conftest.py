@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from ._spectra import tiny_mlp_problem
 

@@ -1,5 +1,7 @@
 """The shared machinery: probes in blocks, product paths, params=, composition, data, modes, errors."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -7,19 +9,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvkit as ck
-from curvkit.errors import DataError, LossError, ModelError, NonFiniteError, ShapeError, TooLargeError
+from curvkit.errors import DataError, LossError, LossWarning, ModelError, NonFiniteError, ShapeError, TooLargeError
 from curvkit.operators import HessianOperator
 
-from .reference import (
-    DT, MLP, assert_buffers_equal, assert_close, buffers_copy, cached_ref, concat, make_batches, make_loss,
-    make_model, ref_empirical_fisher, ref_ggn, ref_hessian, training_flags,
+from cases import (
+    BY_NAME, DT, MLP, assert_buffers_equal, assert_close, buffers_copy, cached_ref, concat, make_batches, make_loss,
+    make_model, mse_terms, params, randn, ref_empirical_fisher, ref_ggn, ref_hessian, training_flags,
 )
 
 CE = nn.CrossEntropyLoss()
-
-
-def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,8 +35,9 @@ def test_block_product_equals_columns(make):
 
 
 def test_hessian_paths_agree():
-    """vmapped forward-over-reverse, one probe at a time (loop) and double backward give the same
-    matrix; "auto" takes double backward on the CPU and says so."""
+    """vmapped forward-over-reverse and double backward give the same matrix, and "auto" takes
+    double backward on the CPU and says so (one probe at a time:
+    test_fallback_paths_for_models_vmap_cannot_batch)."""
     model, batches = make_model("layernorm"), make_batches("layernorm", "bce")
     loss_fn = make_loss("bce")
     H_vmap = ck.hessian(model, loss_fn, batches, method="forward-over-reverse")
@@ -47,15 +46,11 @@ def test_hessian_paths_agree():
     H_auto = ck.hessian(model, loss_fn, batches)
     d_auto = H_auto.dense()
     assert H_auto.strategy == "double-backward" and H_auto.choice["chosen"] == "double-backward"
-    H_loop = ck.hessian(model, loss_fn, batches, method="forward-over-reverse")
-    H_loop.strategy = "loop"
-    d_loop = H_loop.dense()
-    assert H_loop.strategy == "loop"
     H_db = HessianOperator(model, loss_fn, batches, method="double-backward")
     d_db = H_db.dense()
     assert H_db.strategy == "double-backward"
-    ref = cached_ref("hessian", "layernorm", "bce", "mean")
-    for d in (d_vmap, d_auto, d_loop, d_db):
+    ref = cached_ref("hessian", "layernorm-bce-mean")
+    for d in (d_vmap, d_auto, d_db):
         assert_close(d, ref)
     with pytest.raises(ValueError, match="method must be"):
         ck.hessian(model, loss_fn, batches, method="newton")
@@ -112,19 +107,56 @@ def test_fallback_paths_for_models_vmap_cannot_batch():
     batches = make_batches("mlp", "ce")
     model = _mlp_with(_TanhNoVmap)
     H = ck.hessian(model, CE, batches, method="forward-over-reverse")
-    assert_close(H.dense(), cached_ref("hessian", "mlp", "ce", "mean"))
+    assert_close(H.dense(), cached_ref("hessian", "mlp-ce-mean"))
     assert H.strategy == "loop"
     G = ck.ggn(model, CE, batches)
-    assert_close(G.dense(), cached_ref("ggn", "mlp", "ce", "mean"))
-    assert G._vmap is False  # the GGN took its one-probe-at-a-time path
-    assert_close(ck.fisher(model, CE, batches).dense(), cached_ref("fisher", "mlp", "ce", "mean"))
+    assert_close(G.dense(), cached_ref("ggn", "mlp-ce-mean"))
+    assert_close(ck.fisher(model, CE, batches).dense(), cached_ref("fisher", "mlp-ce-mean"))
     # no forward mode at all: the Hessian falls back to double backward
     old = _mlp_with(_TanhOldStyle)
     H = ck.hessian(old, CE, batches)
-    assert_close(H.dense(), cached_ref("hessian", "mlp", "ce", "mean"))
+    assert_close(H.dense(), cached_ref("hessian", "mlp-ce-mean"))
     assert H.strategy == "double-backward"
     with pytest.raises(ModelError, match="use ck.hessian"):
         ck.ggn(old, CE, batches) @ randn(H.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# batching: the matrix of the mean (or sum) loss over all the data, however it is cut
+def _quiet(fn, *args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LossWarning)  # NLL: the GGN is zero and curvkit says so
+        return fn(*args, **kw)
+
+
+@pytest.mark.parametrize("case", params())
+def test_rebatching_does_not_change_the_matrix(case):
+    """One batch of 15 and uneven batches 7 + 5 + 3 give the same matrix: batches are weighted by
+    their terms (for cross-entropy with ignore_index, the tokens that are not ignored)."""
+    model, loss_fn = case.build(), case.loss()
+    for make in (ck.hessian, ck.ggn, ck.fisher):
+        one = _quiet(make, model, loss_fn, case.one_batch(), output=case.output).dense()
+        uneven = _quiet(make, model, loss_fn, case.batches(), output=case.output).dense()
+        assert_close(uneven, one)
+
+
+# the cases where a piece's weight differs from its share of examples, and dict inputs to cut
+CUT = ["convbn-ce-mean", "mlp-mse-sum", "mlp-ce-ignore-index", "mlp-ce-class-weights", "logsoftmax-nll-weights-sum",
+       "token_mlp-ce-function-reshape", "attention-ce-spec-class-dim", "tied_lm-ce-smoothing-sum", "dict-bce-pos-weight"]
+
+
+@pytest.mark.parametrize("case", params([BY_NAME[n] for n in CUT]))
+def test_max_batch_gives_the_products_of_whole_batches(case):
+    model, loss_fn, batches = case.build(), case.loss(), case.batches()
+    n = sum(p.numel() for p in model.parameters())
+    V = randn(n, 3, seed=5)
+    for make in (ck.hessian, ck.ggn, ck.fisher):
+        whole = _quiet(make, model, loss_fn, batches, output=case.output)
+        cut = _quiet(make, model, loss_fn, batches, output=case.output, max_batch=2)
+        assert_close(cut @ V, whole @ V)
+    H = ck.hessian(model, loss_fn, batches, output=case.output, max_batch=2)
+    assert H.loss_and_gradient()[0] == pytest.approx(ck.hessian(model, loss_fn, batches, output=case.output)
+                                                     .loss_and_gradient()[0], rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +192,7 @@ def test_params_subset_is_sub_block(spec, names, which):
     assert set(A.param_names) == names
     assert A.param_names == [n for n, _ in model.named_parameters() if n in names]  # the model's order
     idx = _subset_index(model, names)
-    full = cached_ref(which, "convbn", "ce", "mean")
+    full = cached_ref(which, "convbn-ce-mean")
     assert_close(A.dense(), full[idx][:, idx])
     # and it is the matrix of the sub-vector (other parameters fixed): a direct reference too
     if which == "hessian":
@@ -175,7 +207,7 @@ def test_params_subset_with_frozen_parameters():
     assert "fc1.weight" not in H.param_names
     names = {"fc1.bias", "fc2.weight", "fc2.bias"}
     idx = _subset_index(model, names)
-    assert_close(H.dense(), cached_ref("hessian", "mlp", "ce", "mean")[idx][:, idx])
+    assert_close(H.dense(), cached_ref("hessian", "mlp-ce-mean")[idx][:, idx])
 
 
 def test_split_flatten_round_trip():
@@ -200,7 +232,7 @@ def test_split_flatten_round_trip():
 def test_blocks_are_diagonal_blocks():
     model, batches = make_model("mlp"), make_batches("mlp", "ce")
     H = ck.hessian(model, CE, batches)
-    full = cached_ref("hessian", "mlp", "ce", "mean")
+    full = cached_ref("hessian", "mlp-ce-mean")
     for by, keys in (("layer", ["fc1", "fc2"]), ("param", [n for n, _ in model.named_parameters()])):
         blocks = H.blocks(by)
         assert list(blocks) == keys
@@ -252,7 +284,7 @@ def test_composition():
     model, batches = make_model("mlp"), make_batches("mlp", "mse")
     loss_fn = make_loss("mse")
     H, G = ck.hessian(model, loss_fn, batches), ck.ggn(model, loss_fn, batches)
-    Hd, Gd = cached_ref("hessian", "mlp", "mse", "mean"), cached_ref("ggn", "mlp", "mse", "mean")
+    Hd, Gd = cached_ref("hessian", "mlp-mse-mean"), cached_ref("ggn", "mlp-mse-mean")
     n = H.shape[0]
     eye = torch.eye(n, dtype=DT)
     assert_close((H + 0.3 * ck.identity_like(H)).dense(), Hd + 0.3 * eye)
@@ -289,7 +321,7 @@ def test_to_scipy():
     from scipy.sparse.linalg import eigsh
 
     top = eigsh(S, k=1, which="LA", return_eigenvectors=False)[0]
-    assert abs(top - float(torch.linalg.eigvalsh(cached_ref("hessian", "mlp", "ce", "mean"))[-1])) < 1e-8
+    assert abs(top - float(torch.linalg.eigvalsh(cached_ref("hessian", "mlp-ce-mean"))[-1])) < 1e-8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +359,7 @@ def test_train_mode_batchnorm():
     # batch statistics: the curvature is the batch-size-weighted sum of per-batch train-mode losses
     w = [len(y) / 15 for _, y in batches]
     assert_close(d, ref_hessian(model, CE, batches, train=True, per_batch_weights=w))
-    assert (d - cached_ref("hessian", "convbn", "ce", "mean")).abs().max() > 1e-3  # differs from eval
+    assert (d - cached_ref("hessian", "convbn-ce-mean")).abs().max() > 1e-3  # differs from eval
     G = ck.ggn(model, CE, batches, mode="train")
     # the GGN in train mode: J^T H_loss J per batch, each batch with its own statistics
     ref_G = sum(wb * _train_ggn(model, b) for wb, b in zip(w, batches))
@@ -340,7 +372,7 @@ def _train_ggn(model, batch):
     from torch.autograd.functional import hessian as agh
     from torch.autograd.functional import jacobian as agj
 
-    from .reference import Flat
+    from cases import Flat
 
     f = Flat(model, train=True)
     x, y = batch
@@ -367,7 +399,7 @@ def test_dropout():
         ck.hessian(model, CE, batches, mode="train")
     # eval mode (the default) switches dropout off even though the model is in train mode
     assert model.training
-    assert_close(ck.hessian(model, CE, batches).dense(), cached_ref("hessian", "mlp", "ce", "mean"))
+    assert_close(ck.hessian(model, CE, batches).dense(), cached_ref("hessian", "mlp-ce-mean"))
     assert model.training and model.drop.training
     with pytest.raises(ModelError, match="mode must be"):
         ck.hessian(model, CE, batches, mode="test")
@@ -504,7 +536,7 @@ def test_dense_in_chunks():
     """dense() assembles blocks of `chunk` columns: any chunk size gives the same matrix."""
     model, batches = make_model("convbn"), make_batches("convbn", "ce")
     G = ck.ggn(model, CE, batches)
-    ref = cached_ref("ggn", "convbn", "ce", "mean")
+    ref = cached_ref("ggn", "convbn-ce-mean")
     for chunk in (1, 7, G.shape[0] - 1, 1000):
         assert_close(G.dense(chunk=chunk), ref)
 
@@ -535,7 +567,7 @@ def test_ggn_needs_a_tensor_output():
         model.load_state_dict(make_model("mlp").state_dict())
         loss_fn = lambda o, t, pick=pick: CE(pick(o), t)  # noqa: E731  a loss that unpacks the output
         # the Hessian does not care what the model returns
-        assert_close(ck.hessian(model, loss_fn, batches).dense(), cached_ref("hessian", "mlp", "ce", "mean"))
+        assert_close(ck.hessian(model, loss_fn, batches).dense(), cached_ref("hessian", "mlp-ce-mean"))
         for make in (ck.ggn, ck.fisher):
             with pytest.raises(LossError, match=f"returned {cls.__mro__[0] is _TupleNet and 'tuple' or 'dict'}.*single output tensor"):
                 make(model, loss_fn, batches)
@@ -577,7 +609,7 @@ def test_ggn_fisher_reference_sanity():
     model = nn.Linear(4, 3).double()
     batches = make_batches("mlp", "mse")
     assert_close(ref_hessian(model, nn.MSELoss(), batches), ref_ggn(model, nn.MSELoss(), batches))
-    assert_close(ck.fisher(model, nn.MSELoss(), batches).dense(), ref_empirical_fisher(model, "mse", "mean", batches))
+    assert_close(ck.fisher(model, nn.MSELoss(), batches).dense(), ref_empirical_fisher(model, nn.MSELoss(), mse_terms, batches))
 
 
 @pytest.mark.parametrize("loss_fn", [CE, nn.CrossEntropyLoss(ignore_index=1), nn.CrossEntropyLoss(reduction="sum")],

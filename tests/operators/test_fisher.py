@@ -1,32 +1,47 @@
-"""ck.fisher: the empirical Fisher equals c * sum_n g_n g_n^T; the MC Fisher's expectation is the GGN."""
+"""ck.fisher: the empirical Fisher is the per-term c * sum_t g_t g_t^T on every case; the
+Monte-Carlo Fisher's expectation is the GGN."""
+
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import curvkit as ck
-
-from .reference import (
-    DT, GRID, Flat, assert_buffers_equal, assert_close, buffers_copy, cached_ref, case, concat, make_batches,
-    make_loss, make_model, training_flags,
+from curvkit.errors import LossWarning
+from cases import (
+    BY_NAME, CASES, DT, Flat, assert_buffers_equal, assert_close, buffers_copy, cached_ref, concat, make_batches, make_loss,
+    make_model, params, randn, training_flags,
 )
 
 
-@pytest.mark.parametrize("kind, loss, reduction, one_batch", GRID)
-def test_empirical_fisher_equals_dense(kind, loss, reduction, one_batch):
-    model, loss_fn, data = case(kind, loss, reduction, one_batch)
+@pytest.mark.parametrize("case", params())
+def test_empirical_fisher_equals_dense(case):
+    model = case.build()
     flags, bufs = training_flags(model), buffers_copy(model)
-    Fo = ck.fisher(model, loss_fn, data[0] if one_batch else data)  # kind="empirical" by default
+    Fo = ck.fisher(model, case.loss(), case.batches(), output=case.output)  # kind="empirical" by default
     dense = Fo.dense()
-    assert_close(dense, cached_ref("fisher", kind, loss, reduction))
+    assert_close(dense, cached_ref("fisher", case.name))
     assert training_flags(model) == flags and model.training
     assert_buffers_equal(model, bufs)
     evals = torch.linalg.eigvalsh(dense)
     assert evals.min() >= -1e-10 * evals.max()
 
 
+def test_empirical_fisher_is_per_term_not_per_example():
+    """For a sequence loss a term is a token: the per-example outer products (tokens' gradients
+    summed first) are a different matrix, so the reference can tell the two apart."""
+    from cases import BY_NAME, ref_per_example
+
+    case = BY_NAME["token_mlp-ce-function-reshape"]
+    model, (x, y) = case.build(), concat(case.batches())
+    G = ref_per_example(model, case.terms, (x, y))
+    per_example = G.T @ G / int((y != case.ignore_index).sum())
+    assert (per_example - cached_ref("fisher", case.name)).abs().max() > 1e-3
+
+
 def test_empirical_fisher_generic_loss():
-    """A loss outside the closed forms: the per-example term is the loss on that example alone."""
+    """A loss outside the closed forms: its terms are the examples, each the loss on it alone."""
     loss_fn = lambda out, y: F.smooth_l1_loss(out, y, beta=0.7)  # noqa: E731  mean over all elements
     model, batches = make_model("layernorm"), make_batches("layernorm", "mse")
     f = Flat(model)
@@ -40,57 +55,28 @@ def test_empirical_fisher_generic_loss():
     assert_close(ck.fisher(model, loss_fn, batches).dense(), G.T @ G / len(Y))
 
 
-def test_empirical_fisher_ce_label_smoothing_and_ignore_index():
-    """Closed-form CE residuals with label smoothing and ignored targets, on one batch."""
-    model = make_model("mlp")
-    x, y = concat(make_batches("mlp", "ce"))
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.2, ignore_index=1)
-    per_example = torch.nn.CrossEntropyLoss(label_smoothing=0.2, ignore_index=1, reduction="sum")
-    f = Flat(model)
-    keep = [n for n in range(len(y)) if int(y[n]) != 1]
-    assert 0 < len(keep) < len(y)
-    G = []
-    for n in keep:  # ignored examples have no NLL term; the mean is over the kept ones
-        th = f.theta0.clone().requires_grad_(True)
-        G.append(torch.autograd.grad(per_example(f(th, x[n : n + 1]), y[n : n + 1]), th)[0])
-    G = torch.stack(G)
-    assert_close(ck.fisher(model, loss_fn, (x, y)).dense(), G.T @ G / len(keep))
+# the basic grid's "sum" cases are its "mean" cases scaled (the same draws): their means suffice
+MC = [c for c in CASES if not (c.name.endswith("-sum") and c.name.replace("-sum", "-mean") in BY_NAME)]
 
 
-def _ce_ignored(y):
-    y = y.clone()
-    y[::3] = -100  # every third target ignored (padding)
-    return y
-
-
-MC_CASES = {
-    "ce": (make_loss("ce"), "ce", None),
-    "mse": (make_loss("mse"), "mse", None),
-    "bce": (make_loss("bce"), "bce", None),
-    # the likelihood is the softmax: no smoothing in the sampled targets, no ignored positions
-    "ce-ignore-index": (torch.nn.CrossEntropyLoss(), "ce", _ce_ignored),
-    "ce-label-smoothing": (torch.nn.CrossEntropyLoss(label_smoothing=0.3), "ce", None),
-}
-
-
-@pytest.mark.parametrize("case_name", list(MC_CASES))
-def test_mc_fisher_expectation_is_ggn(case_name):
-    """E[v^T F_s v] over seeds s equals v^T G v, within 4 standard errors of the seed average."""
-    loss_fn, loss, edit = MC_CASES[case_name]
-    model = make_model("mlp")
-    x, y = concat(make_batches("mlp", loss))
-    batches = [(x, edit(y) if edit else y)]  # one batch of 15: the expectation is per example
-    G = ck.ggn(model, loss_fn, batches)
-    n = G.shape[0]
-    V = torch.randn(n, 6, generator=torch.Generator().manual_seed(7), dtype=DT)
-    exact = (V * (G @ V)).sum(0)
-    S = 80
-    samples = torch.stack([(V * (ck.fisher(model, loss_fn, batches, kind="mc", seed=s) @ V)).sum(0) for s in range(S)])
+@pytest.mark.parametrize("case", params(MC))
+def test_mc_fisher_expectation_is_ggn(case):
+    """E[v^T F_s v] over seeds s equals v^T G v (for NLL on log-probabilities: the GGN of the
+    cross-entropy on the logits), within 4 standard errors of the seed average."""
+    model, loss_fn, batches = case.build(), case.loss(), case.batches()
+    n = sum(p.numel() for p in model.parameters())
+    V = randn(n, 4, seed=7)
+    exact = (V * (cached_ref("mc", case.name) @ V)).sum(0)
+    S = 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LossWarning)  # NLL: curvkit warns that its GGN is zero
+        samples = torch.stack([(V * (ck.fisher(model, loss_fn, batches, kind="mc", seed=s, mc_samples=2,
+                                                output=case.output) @ V)).sum(0) for s in range(S)])
     mean, stderr = samples.mean(0), samples.std(0) / S**0.5
     assert (stderr > 0).all()
     assert ((mean - exact).abs() < 4 * stderr).all(), ((mean - exact) / stderr)
     # and the test has power: the empirical Fisher is a different matrix, many stderrs away
-    emp = (V * (ck.fisher(model, loss_fn, batches) @ V)).sum(0)
+    emp = (V * (cached_ref("fisher", case.name) @ V)).sum(0)
     assert ((emp - exact).abs() > 4 * stderr).any()
 
 
@@ -127,42 +113,13 @@ def test_mc_fisher_mc_samples_average():
     assert ((mean - exact).abs() < 4 * stderr).all(), ((mean - exact) / stderr)
 
 
-class _Seg(torch.nn.Module):
-    """Per-pixel logits (N, 3, 2, 2): cross-entropy over dim 1 with (N, 2, 2) class targets."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.conv2 = torch.nn.Conv2d(1, 3, 2), torch.nn.Conv2d(3, 3, 1)
-
-    def forward(self, x):
-        return self.conv2(torch.tanh(self.conv1(x)))
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_spatial_cross_entropy(reduction):
-    """CE with extra output dims: one loss term per pixel, and the empirical Fisher sums the outer
-    products of the pixels' own gradients (the terms, as for a sequence's tokens)."""
-    from .reference import ref_ggn, ref_hessian
-
-    torch.manual_seed(0)
-    model = _Seg().double()
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(n, 1, 3, 3, generator=g, dtype=DT), torch.randint(0, 3, (n, 2, 2), generator=g))
-               for n in (4, 3, 2)]
-    loss_fn = make_loss("ce", reduction)
-    assert_close(ck.hessian(model, loss_fn, batches).dense(), ref_hessian(model, loss_fn, batches))
-    G = ck.ggn(model, loss_fn, batches)
-    assert_close(G.dense(), ref_ggn(model, loss_fn, batches))
-    f = Flat(model)
-    X, Y = concat(batches)
-    per_term = make_loss("ce", "sum")
-    grads = []
-    for n in range(len(Y)):
-        for i in range(2):
-            for j in range(2):
-                th = f.theta0.clone().requires_grad_(True)
-                logits = f(th, X[n : n + 1])[:, :, i, j]
-                grads.append(torch.autograd.grad(per_term(logits, Y[n : n + 1, i, j]), th)[0])
-    grads = torch.stack(grads)
-    c = 1 / Y.numel() if reduction == "mean" else 1.0  # one term per pixel
-    assert_close(ck.fisher(model, loss_fn, batches).dense(), c * grads.T @ grads)
+def test_mc_pieces_of_a_batch_draw_their_own_samples():
+    """Regression: with max_batch, the pieces of a batch continue that batch's random stream (each
+    piece restarted it, so all drew the same targets): two identical examples cut into pieces of
+    one still get two different draws, as they do in one piece."""
+    model = make_model("mlp")
+    x, y = randn(1, 4).repeat(2, 1), randn(1, 3, seed=1).repeat(2, 1)
+    for cut in (None, 1):
+        F_mc = ck.fisher(model, torch.nn.MSELoss(), (x, y), kind="mc", seed=0, max_batch=cut).dense()
+        # one term (row) per example: rank 1 each, rank 2 unless both examples drew the same target
+        assert int(torch.linalg.matrix_rank(F_mc)) == 2, cut

@@ -22,6 +22,7 @@ from ..model.losses import warn_if_linear
 from ..model.params import ParamSpec
 from ..model.risk import Mode
 from ..operators.base import CurvatureOperator
+from ..operators.fisher import batch_stream
 from ..seeding import seed_int
 from .kronecker import (activation_factor, gradient_factor, input_rows, kron_eigen, kron_layers, kron_matmul,
                         kron_solve, output_rows)
@@ -133,8 +134,8 @@ class KFACOperator(CurvatureOperator):
         if self.kind == "empirical":
             R = spec.residuals(out, y)[None]
         else:
-            gen = torch.Generator(device=out.device)
-            gen.manual_seed((self.seed * 1_000_003 + index) % 2**64)
+            self._stream = batch_stream(self._stream, self.seed, index, out.device)
+            gen = self._stream[1]
             R = torch.stack([spec.sampled_residuals(out, y, gen) for _ in range(self.mc_samples)])
             R = R / math.sqrt(self.mc_samples)
         c = torch.as_tensor(spec.factor(out, y), dtype=out.dtype, device=out.device)
@@ -177,6 +178,7 @@ class KFACOperator(CurvatureOperator):
             sums, loss, w = self._batch_factors(x, y, i)
             return [z if s is None else s.to(dt) for z, s in zip(zeros, sums)], loss, w
 
+        self._stream = None  # the pieces of a batch (max_batch) continue one stream of samples
         totals = self.risk.accumulate(batch, what="K-FAC factor")
         s = totals.sums
         return {layer.name: (s[2 * j] / totals.examples, totals.mean(s[2 * j + 1]))

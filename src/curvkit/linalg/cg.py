@@ -40,6 +40,17 @@ def solve(
 
     Cost: one product per column per iteration, plus one per column to verify the residual;
     at most ``max_matvecs`` (default ``k * min(10 n, 1000)``), counted as columns.
+
+    Example:
+        >>> import torch, curvkit as ck
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(100, 50, generator=g, dtype=torch.float64)
+        >>> A, b = X.T @ X / 100, torch.ones(50, dtype=torch.float64)
+        >>> r = ck.solve(A, b, damping=1e-3, tol=1e-10)
+        >>> r.converged, r.residual <= 1e-10
+        (True, True)
+        >>> torch.allclose((A + 1e-3 * torch.eye(50, dtype=torch.float64)) @ r.x, b)
+        True
     """
     n = check_symmetric(A, "solve (conjugate gradient)")
     if not isinstance(b, Tensor):

@@ -48,6 +48,20 @@ def spectral_density(
     that probe; its remaining quadrature slots get weight 0.
 
     Cost: ``iterations * probes`` operator products (columns), in ``iterations`` block products.
+
+    Example:
+        >>> import torch, curvkit as ck
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(100, 50, generator=g, dtype=torch.float64)
+        >>> A = X.T @ X / 100
+        >>> r = ck.spectral_density(A, iterations=30, probes=4, seed=0)
+        >>> r.matvecs, r.nodes.shape                # one row of Gauss quadrature nodes per probe
+        (120, torch.Size([4, 30]))
+        >>> lam = torch.linalg.eigvalsh(A)         # the nodes are Ritz values: inside the spectrum
+        >>> bool(lam[0] - 1e-9 <= r.nodes.min() and r.nodes.max() <= lam[-1] + 1e-9)
+        True
+        >>> round(float(torch.trapezoid(r.density, r.grid)), 6)
+        1.0
     """
     n = check_symmetric(A, "spectral_density (Lanczos quadrature)")
     if not isinstance(iterations, int) or iterations < 1 or not isinstance(probes, int) or probes < 1:

@@ -38,6 +38,17 @@ def diagonal(
 
     Cost: ``probes`` operator products (in blocks of up to 64 columns). With ``by``, one estimate
     per block of ``A.blocks(by)`` (products of the smaller block operators), as BlockResults.
+
+    Example:
+        >>> import torch, curvkit as ck
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(100, 50, generator=g, dtype=torch.float64)
+        >>> A = X.T @ X / 100
+        >>> d = ck.diagonal(A, probes=100, seed=0)
+        >>> d.value.shape, d.matvecs
+        (torch.Size([50]), 100)
+        >>> bool(((d.value - A.diagonal()).abs() < 4 * d.stderr).all())
+        True
     """
     if not isinstance(probes, int) or probes < 2:
         raise ArgumentError(f"diagonal needs probes >= 2 (to give a standard error), got {probes!r}")

@@ -77,10 +77,16 @@ def eigenvalues(
 
     Example:
         >>> import torch, curvkit as ck
-        >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
-        >>> r = ck.eigenvalues(A, k=2, tol=1e-8)
-        >>> [round(float(v), 6) for v in r.values], r.converged
-        ([100.0, 99.0], True)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(100, 50, generator=g, dtype=torch.float64)
+        >>> A = X.T @ X / 100                      # a matrix, or any operator such as ck.hessian(...)
+        >>> r = ck.eigenvalues(A, k=3, tol=1e-8)
+        >>> r.converged, r.vectors.shape
+        (True, torch.Size([50, 3]))
+        >>> torch.allclose(r.values, torch.linalg.eigvalsh(A).flip(0)[:3])
+        True
+        >>> bool((r.residuals <= 1e-8 * r.values.abs().max()).all())   # ||A v - lambda v||
+        True
     """
     if which not in _WHICH:
         raise ArgumentError(f"which must be one of {_WHICH}, got {which!r}")

@@ -48,6 +48,17 @@ def trace(
 
     Cost: exactly ``probes`` operator products (in blocks of up to 64 columns). With ``by``, one
     estimate per block of ``A.blocks(by)``, each with ``probes`` products, as :class:`BlockResults`.
+
+    Example:
+        >>> import torch, curvkit as ck
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(100, 50, generator=g, dtype=torch.float64)
+        >>> A = X.T @ X / 100                      # a matrix, or any operator such as ck.hessian(...)
+        >>> r = ck.trace(A, method="hutchinson", probes=30, seed=0)
+        >>> r.matvecs
+        30
+        >>> abs(r.value - float(A.trace())) < 4 * r.stderr
+        True
     """
     if method not in ("hutch++", "hutchinson"):
         raise ArgumentError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")

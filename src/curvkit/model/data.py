@@ -19,13 +19,13 @@ Batch = tuple[Any, Tensor]
 
 
 def is_batch(data: Any) -> bool:
-    """True for a single ``(inputs, targets)`` pair of tensors (not a list of batches)."""
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[0], Tensor)
-        and isinstance(data[1], Tensor)
-    )
+    """True for a single ``(inputs, targets)`` pair (not a list of batches): targets a tensor,
+    inputs a tensor or a nest of dicts, tuples and lists holding tensors (a list of batches has a
+    pair, never a tensor, in second place)."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)):
+        return False
+    x = data[0]
+    return isinstance(x, Tensor) or (isinstance(x, (dict, tuple, list)) and bool(tensors_of(x)))
 
 
 class Batches:
@@ -35,6 +35,7 @@ class Batches:
     """
 
     def __init__(self, data: Any):
+        it: Iterator | None = None  # the scan below is the first pass: over this iterator, not a new one
         if is_batch(data):
             self._source: Iterable = [tuple(data)]
         elif isinstance(data, dict):
@@ -55,7 +56,7 @@ class Batches:
             self._source = data
         self.sizes: list[int] = []
         prints = []
-        for i, (x, y) in enumerate(self._checked()):
+        for i, (x, y) in enumerate(self._checked(it)):
             self.sizes.append(batch_size(x, y, i))
             prints.append(fingerprint(x, y).cpu())
         self._prints = torch.stack(prints) if prints else torch.zeros(0, dtype=torch.float64)
@@ -63,8 +64,8 @@ class Batches:
             raise DataError("data is empty: it holds no batch")
         self.num_data = sum(self.sizes)
 
-    def _checked(self) -> Iterator[Batch]:
-        for i, batch in enumerate(self._source):
+    def _checked(self, it: Iterator | None = None) -> Iterator[Batch]:
+        for i, batch in enumerate(self._source if it is None else it):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 what = f"a {type(batch).__name__}" + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
                 raise DataError(_BATCH_HINT.format(what=f"batch {i}: {what}"))

@@ -33,6 +33,20 @@ def per_example_gradients(model: nn.Module, loss_fn: Any, batch: Any, params: Pa
 
     Cost: about one forward and one backward pass over the batch. Memory: ``B * n`` numbers for
     the result, plus ``max_batch`` (default ``B``) examples' activations at once.
+
+    Example:
+        >>> import torch
+        >>> from curvkit.model import per_example_gradients
+        >>> g = torch.Generator().manual_seed(0)
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> x, y = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+        >>> G = per_example_gradients(model, torch.nn.CrossEntropyLoss(), (x, y))
+        >>> G.shape                                    # (examples, parameters)
+        torch.Size([5, 8])
+        >>> loss = torch.nn.CrossEntropyLoss()(model(x), y)   # a mean: grad = (1/5) sum of the rows
+        >>> grad = torch.cat([p.reshape(-1) for p in torch.autograd.grad(loss, list(model.parameters()))])
+        >>> torch.allclose(G.sum(0) / 5, grad)
+        True
     """
     risk = Risk(model, loss_fn, batch, params, mode=mode, reduction=reduction, output=output,
                 max_batch=max_batch, distributed=False)

@@ -172,16 +172,16 @@ class Risk:
         return model_mode(self.model, train=self.mode == "train")
 
     # the loop ---------------------------------------------------------------------------
-    def pieces(self) -> Iterator[tuple[int, int, Any, Tensor]]:
-        """``(batch index, piece key, inputs, targets)`` for every micro-batch of one pass
-        (``max_batch``). The key is the batch index for a whole batch and distinct for every piece,
-        so a computation seeded by it (the Monte-Carlo Fisher) draws independent samples per piece."""
+    def pieces(self) -> Iterator[tuple[int, Any, Tensor]]:
+        """``(batch index, inputs, targets)`` for every micro-batch of one pass (``max_batch``):
+        consecutive pieces of a batch share its index, so per-batch random draws continue one
+        stream over them (see :func:`curvkit.operators.fisher.batch_stream`)."""
         for i, x, y in self.batches:
             if self.max_batch is not None and y.shape[0] > self.max_batch:
-                for j, (xs, ys) in enumerate(split_batch(x, y, self.max_batch)):
-                    yield i, i + (j << 32), xs, ys
+                for xs, ys in split_batch(x, y, self.max_batch):
+                    yield i, xs, ys
             else:
-                yield i, i, x, y
+                yield i, x, y
 
     def accumulate(self, fn: BatchFn, check: Tensor | None = None, what: str = "curvature product") -> Totals:
         """One pass over the data: ``sum_b fn(batch b)``.
@@ -194,7 +194,7 @@ class Risk:
         vectors multiplied), compared in the same all-reduce. Cost: one pass, each batch one
         call of ``fn``; one all-reduce when distributed; one host sync at the end.
 
-        ``index`` is the piece's key (:meth:`pieces`); under ``torch.distributed`` its batch part
+        ``index`` is the batch's key; under ``torch.distributed`` it
         is the batch's place in the round-robin order over ranks, ``i * world + rank`` for batch
         ``i`` of ``rank``, so that per-batch random draws seeded by it (MC Fisher, MC K-FAC) are
         the same as one process on all the data when batch ``j`` is given to rank ``j % world``,
@@ -212,9 +212,9 @@ class Risk:
         world, rank = (1, 0) if self.group is None else (self.world, dist.get_rank(self.group))
         try:
             with self.in_mode():
-                for i, key, x, y in self.pieces():
-                    # the batch's place in the round-robin order over ranks (key = i + piece bits)
-                    parts, loss, w = self._fit(fn, x, y, key + i * (world - 1) + rank, i)
+                for i, x, y in self.pieces():
+                    # the batch's place in the round-robin order over ranks
+                    parts, loss, w = self._fit(fn, x, y, i * world + rank, i)
                     sums = [p.clone() for p in parts] if sums is None else [s.add_(p) for s, p in zip(sums, parts)]
                     weight = weight + w
                     examples += int(y.shape[0])
@@ -293,8 +293,8 @@ class Risk:
         total: list[Tensor] | None = None
         loss: Any = 0.0
         weight: Any = 0.0
-        for j, (xs, ys) in enumerate(split_batch(x, y, self.max_batch)):
-            parts, l_, w = self._fit(fn, xs, ys, key + (j << 48), i)
+        for xs, ys in split_batch(x, y, self.max_batch):
+            parts, l_, w = self._fit(fn, xs, ys, key, i)
             total = parts if total is None else [t + p for t, p in zip(total, parts)]
             loss, weight = loss + l_.detach() * w, weight + w
         return total, loss / weight, weight

@@ -26,11 +26,26 @@ class FisherOperator(OutputSpaceOperator):
     ``kind="empirical"``: ``r_t`` at the data's targets. ``kind="mc"``: at targets sampled from
     the model's predictive distribution (``mc_samples`` draws per term, averaged), which makes
     ``E[F] = GGN`` for cross-entropy, squared error (a Gaussian of variance 1/2) and binary
-    cross-entropy. The samples of batch ``i`` come from a generator seeded by ``(seed, i)``, so
-    every product sees the same matrix; ``seed=None`` draws one seed from fresh entropy.
+    cross-entropy. The samples of batch ``i`` come from a generator seeded by ``(seed, i)``
+    (the pieces ``max_batch`` cuts it into continue that one stream), so every product sees the
+    same matrix; ``seed=None`` draws one seed from fresh entropy.
 
     Cost of ``F @ V`` with V (n, k): as for the GGN, one pass over the data with two forwards
     and one backward per batch.
+
+    Example:
+        >>> import torch, curvkit as ck
+        >>> from curvkit.model import per_example_gradients
+        >>> g = torch.Generator().manual_seed(0)
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (8,), generator=g)
+        >>> F = ck.fisher(model, torch.nn.CrossEntropyLoss(), (x, y))   # kind="empirical"
+        >>> rows = per_example_gradients(model, torch.nn.CrossEntropyLoss(), (x, y))
+        >>> torch.allclose(F.dense(), rows.T @ rows / 8)   # one term per example, mean: c = 1/8
+        True
+        >>> Fmc = ck.fisher(model, torch.nn.CrossEntropyLoss(), (x, y), kind="mc", seed=0)
+        >>> torch.equal(Fmc.dense(), Fmc.dense())          # one fixed draw per seed
+        True
     """
 
     _what = "the Fisher"
@@ -44,6 +59,7 @@ class FisherOperator(OutputSpaceOperator):
         if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
             raise ArgumentError(f"mc_samples must be a positive integer, got {mc_samples!r}")
         self.kind, self.mc_samples, self.seed = kind, mc_samples, seed_int(seed)
+        self._stream: tuple[int, torch.Generator] | None = None
         if kind == "mc":
             self._graph_safe = False  # per-batch sampling uses its own generator: replay eagerly
         super().__init__(model, loss_fn, data, params, mode=mode, reduction=reduction, output=output,
@@ -56,15 +72,31 @@ class FisherOperator(OutputSpaceOperator):
         if self.kind == "mc" and not self.loss.has_likelihood:
             self.loss.sample(out, torch.Generator())  # raises the LossError that says why
 
+    def _matmat(self, V: Tensor) -> Tensor:
+        self._stream = None  # a new pass: every batch's samples start from its own seed again
+        return super()._matmat(V)
+
     def _output_matmat(self, out: Tensor, y: Tensor, JV: Tensor, index: int) -> Tensor:
         spec = self.loss
         if self.kind == "empirical":
             R = spec.residuals(out, y)[None]
         else:
-            gen = torch.Generator(device=out.device)
-            gen.manual_seed((self.seed * 1_000_003 + index) % 2**64)  # manual_seed takes 64 bits
+            self._stream = batch_stream(self._stream, self.seed, index, out.device)
+            gen = self._stream[1]
             R = torch.stack([spec.sampled_residuals(out, y, gen) for _ in range(self.mc_samples)])
         return spec.fisher_matmat(out, R, JV, spec.factor(out, y))
+
+
+def batch_stream(last: tuple[int, torch.Generator] | None, seed: int, index: int,
+                 device: torch.device) -> tuple[int, torch.Generator]:
+    """``(index, generator)`` for the samples of batch ``index``: a generator seeded by ``(seed,
+    index)``, or the one the previous piece of the same batch used (``max_batch`` cuts a batch
+    into consecutive pieces), so that the pieces continue one stream instead of each restarting it."""
+    if last is not None and last[0] == index:
+        return last
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + index) % 2**64)  # manual_seed takes 64 bits
+    return index, gen
 
 
 def fisher(model: nn.Module, loss_fn: Any, data: Any, params: ParamSpec = None, *, kind: Kind = "empirical",

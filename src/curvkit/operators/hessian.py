@@ -74,7 +74,8 @@ class HessianOperator(CurvatureOperator):
             self.strategy = "double-backward"
             self.choice = {"chosen": "double-backward", "why": "the CPU: no transform overhead"}
             return
-        i, key, x, y = next(iter(self.risk.pieces()))
+        i, x, y = next(iter(self.risk.pieces()))
+        key = i
         probes, params = self.space.probes(V), self.space.tensors
 
         def measure(batch) -> dict:
