@@ -35,7 +35,8 @@ class Shampoo(KronOptimizer):
 
     Before the first roots exist (steps ``< start_preconditioning_step``, default
     ``every``), and always for 1-D parameters, the direction is Adam's.
-    Hyperparameters per param group; state in float32 for bf16/fp16 parameters. A NaN/inf in
+    Hyperparameters per param group (``update_each`` is the deprecated name of ``every``);
+    state in float32 for bf16/fp16 parameters. A NaN/inf in
     the gradient, a factor, a root or the update raises ``NonFiniteError`` with parameters and
     state unchanged (one host sync per step for that check).
 

@@ -54,6 +54,7 @@ class SOAP(KronOptimizer):
       (``refresh="eigh"``); ``m`` is rotated into the new basis, ``v`` is not (as the reference).
 
     1-D parameters get plain Adam with the same formula (identity basis) from the first step.
+    ``update_each`` is the deprecated name of ``every``.
     Differences from the reference: a conv kernel has two factors, not one per tensor dimension;
     a dimension longer than ``block_size`` is blocked (the reference leaves it unrotated);
     ``m`` is rotated only when the basis changes (the reference rotates it back and forth every
