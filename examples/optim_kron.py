@@ -38,9 +38,9 @@ def train(name, make_opt, steps=60):
 
 OPTIMIZERS = {
     "AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2),
-    "K-FAC": lambda m: KFAC(m, lr=0.05, damping=1e-2, inverse_update_each=10),
-    "Shampoo": lambda m: Shampoo(m.parameters(), lr=1e-2, update_each=10),
-    "SOAP": lambda m: SOAP(m.parameters(), lr=1e-2, update_each=10),
+    "K-FAC": lambda m: KFAC(m, lr=0.05, damping=1e-2, inverse_every=10),
+    "Shampoo": lambda m: Shampoo(m.parameters(), lr=1e-2, every=10),
+    "SOAP": lambda m: SOAP(m.parameters(), lr=1e-2, every=10),
     "Muon": lambda m: Muon(m, lr=0.05, adamw_lr=1e-2),
 }
 

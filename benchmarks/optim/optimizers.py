@@ -59,7 +59,7 @@ class OptSpec:
 def _ck(name: str, **kw):
     def f(model, lr, refresh, seed):
         mod = importlib.import_module("curvkit.optim")
-        return getattr(mod, name)(model.parameters(), lr=lr, update_each=refresh, seed=seed, weight_decay=0.0, **kw)
+        return getattr(mod, name)(model.parameters(), lr=lr, every=refresh, seed=seed, weight_decay=0.0, **kw)
 
     return f
 
@@ -96,19 +96,19 @@ def muon_split(model):
 def _ck_kfac(model, lr, refresh, seed):
     from curvkit.optim import KFAC
 
-    return KFAC(model, lr=lr, inverse_update_each=refresh, weight_decay=0.0)
+    return KFAC(model, lr=lr, inverse_every=refresh, weight_decay=0.0)
 
 
 def _ck_shampoo(model, lr, refresh, seed):
     from curvkit.optim import Shampoo
 
-    return Shampoo(model.parameters(), lr=lr, update_each=refresh, weight_decay=0.0)
+    return Shampoo(model.parameters(), lr=lr, every=refresh, weight_decay=0.0)
 
 
 def _ck_soap(model, lr, refresh, seed):
     from curvkit.optim import SOAP
 
-    return SOAP(model.parameters(), lr=lr, update_each=refresh, weight_decay=0.0)
+    return SOAP(model.parameters(), lr=lr, every=refresh, weight_decay=0.0)
 
 
 def _ck_muon(model, lr, refresh, seed):

@@ -6,11 +6,11 @@ from torch.func import functional_call
 
 from curvkit.optim import AdaHessian, Sophia
 
-# (name, constructor) for every optimizer/estimator pair, small update_each so tests cross the schedule
+# (name, constructor) for every optimizer/estimator pair, small refresh periods so tests cross the schedule
 KINDS = {
-    "adahessian": lambda params, **kw: AdaHessian(params, **{"lr": 0.05, "update_each": 3, **kw}),
-    "sophia-h": lambda params, **kw: Sophia(params, **{"lr": 0.02, "update_each": 3, **kw}),
-    "sophia-gnb": lambda params, **kw: Sophia(params, **{"lr": 0.02, "update_each": 3, "estimator": "gnb", **kw}),
+    "adahessian": lambda params, **kw: AdaHessian(params, **{"lr": 0.05, "every": 3, **kw}),
+    "sophia-h": lambda params, **kw: Sophia(params, **{"lr": 0.02, "every": 3, **kw}),
+    "sophia-gnb": lambda params, **kw: Sophia(params, **{"lr": 0.02, "every": 3, "estimator": "gnb", **kw}),
 }
 
 

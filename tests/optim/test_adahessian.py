@@ -87,9 +87,9 @@ def test_conv_kernel_curvature_is_averaged_over_space():
     assert torch.allclose(opt.state[lin_w]["exp_hessian_diag_sq"], (1 - 0.999) * D[2].view_as(lin_w) ** 2)
 
 
-def test_update_each_reuses_the_diagonal_between_refreshes():
+def test_every_reuses_the_diagonal_between_refreshes():
     model, loss = _mlp()
-    opt = AdaHessian(model.parameters(), lr=0.01, update_each=3)
+    opt = AdaHessian(model.parameters(), lr=0.01, every=3)
     p = next(model.parameters())
     seen = []
     for _ in range(7):

@@ -77,7 +77,7 @@ def test_steps_under_float64_default_dtype(opt_cls):
 def test_non_contiguous_loaded_state_still_updates(opt_cls):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 6, 3)
-    opt = opt_cls(conv.parameters(), update_each=1)
+    opt = opt_cls(conv.parameters(), every=1)
     for _ in range(2):
         opt.zero_grad()
         conv(torch.randn(2, 4, 6, 6)).square().mean().backward()
@@ -122,13 +122,13 @@ def test_a_python_float_loss_is_reported_not_a_type_error():
 
 def test_float64_state_loads_into_a_float32_model():
     model, batches = classifier(dtype=torch.float64), class_batches(dtype=torch.float64)
-    opt = Shampoo(model.parameters(), update_each=1)
+    opt = Shampoo(model.parameters(), every=1)
     for x, y in batches:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     model32 = classifier()
-    opt32 = Shampoo(model32.parameters(), update_each=1)
+    opt32 = Shampoo(model32.parameters(), every=1)
     opt32.load_state_dict(opt.state_dict())
     assert all(v.dtype == torch.float32 for st in opt32.state.values() for v in st.values()
                if torch.is_tensor(v) and v.is_floating_point())

@@ -1,4 +1,5 @@
-"""Every torch-style optimizer of test_contract.KINDS works unchanged under
+"""Every optimizer of test_contract.TORCH_LOOP (those that read nothing but ``p.grad`` and their
+hooks) works unchanged under
 DistributedDataParallel: two CPU processes (gloo), each training on its half of every batch,
 end with bit-identical parameters that equal a single-process run on the full batches.
 
@@ -35,7 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._problems import class_batches, classifier
-from .test_contract import KINDS
+from .test_contract import TORCH_LOOP as KINDS
 
 WORLD, STEPS = 2, 5  # refresh periods in KINDS are 3: step 3 recomputes the preconditioners
 GRADIENT_ONLY = {"muon", "shampoo", "soap"}  # their step reads p.grad and nothing else
@@ -74,11 +75,11 @@ def _worker(rank, port, out_dir):
                             timeout=timedelta(seconds=30))
     results = {}
     try:
-        for kind, make in KINDS.items():
+        for kind, spec in KINDS.items():
             try:
                 model = classifier(dtype=torch.float64)
                 ddp = DistributedDataParallel(model)
-                _train(ddp, make(ddp), rank, WORLD)  # the optimizer gets the wrapped model, as users would
+                _train(ddp, spec.make(ddp), rank, WORLD)  # the optimizer gets the wrapped model, as users would
                 results[kind] = [p.detach().clone() for p in model.parameters()]
             except Exception:
                 results[kind] = traceback.format_exc()
@@ -108,11 +109,11 @@ def test_ddp_ranks_agree_and_equal_one_process(kind, ddp_results):
         assert torch.equal(a, b), "the two ranks hold different parameters"
     if kind in GRADIENT_ONLY:
         model = classifier(dtype=torch.float64)
-        _train(model, KINDS[kind](model), emulate_ddp=True)
+        _train(model, KINDS[kind].make(model), emulate_ddp=True)
         for ref, a in zip(model.parameters(), got[0]):
             assert torch.equal(a, ref), "DDP differs from one process given DDP's own gradient"
     if kind in FULL_BATCH or kind not in GRADIENT_ONLY:
         model = classifier(dtype=torch.float64)
-        _train(model, KINDS[kind](model))
+        _train(model, KINDS[kind].make(model))
         for ref, a in zip(model.parameters(), got[0]):
             torch.testing.assert_close(a, ref.detach(), rtol=1e-10, atol=1e-12)

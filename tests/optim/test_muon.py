@@ -1,6 +1,7 @@
-"""Muon: the orthogonalised update against a float64 reference, the split between Muon and
-AdamW, AdamW bit for bit against torch's, argument checks and NaN safety. The contract shared
-with the other torch-style optimizers (resume, bf16, devices) is in test_contract.py."""
+"""Muon: the orthogonalised update against a float64 reference, the functional muon_update, the
+split between Muon and AdamW (by the layer registry, GPT-2's Conv1D included), AdamW bit for bit
+against torch's, and NaN safety. The contract shared with every optimizer (resume, bf16, devices,
+hyperparameter checks) is in test_contract.py."""
 
 import copy
 
@@ -9,7 +10,9 @@ import torch
 from torch import nn
 
 from curvkit.errors import ArgumentError, NonFiniteError
-from curvkit.optim import Muon
+from curvkit.optim import Muon, muon_update
+
+from .test_kfac import Conv1D
 
 D = torch.float64
 
@@ -165,19 +168,6 @@ def test_adamw_part_equals_torch_adamw(foreach):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(lr=-1.0), dict(momentum=1.0), dict(momentum=-0.1), dict(nesterov=1), dict(ns_steps=0),
-    dict(ns_steps=2.5), dict(weight_decay=-1e-3), dict(scale="rms"), dict(adamw_lr=float("nan")),
-    dict(adamw_betas=(0.9, 1.0)), dict(adamw_betas=0.9), dict(adamw_eps=0.0), dict(adamw_weight_decay=-1),
-])
-def test_bad_hyperparameters_are_refused(kw):
-    w = torch.zeros(3, 3, requires_grad=True)
-    with pytest.raises(ArgumentError, match=next(iter(kw)).split("_")[-1]):
-        Muon([w], **kw)
-    with pytest.raises(ArgumentError):  # a group override is checked too
-        Muon([{"params": [w], **kw}])
-
-
 def test_bad_adamw_params_are_refused():
     model = _Net()
     with pytest.raises(ArgumentError, match="regular expression"):
@@ -235,3 +225,58 @@ def test_model_split_resumes_bit_exactly():
     opt.load_state_dict(sd)
     run(model, opt, 3)
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+
+
+def test_muon_update_is_the_step_of_the_class():
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(5, 8), (5, 8), (8, 5), (4, 3, 2, 2)]
+    ours = [torch.randn(s, generator=gen, dtype=D) for s in shapes]
+    theirs = [p.clone().requires_grad_() for p in ours]
+    bufs = [torch.zeros_like(p) for p in ours]
+    kw = dict(lr=0.05, momentum=0.9, nesterov=True, ns_steps=5, weight_decay=0.1, scale="moonshot")
+    opt = Muon(theirs, **kw)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=gen, dtype=D) for s in shapes]
+        muon_update(ours, grads, bufs, **kw)
+        for p, g in zip(theirs, grads):
+            p.grad = g.clone()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert all(torch.equal(b, opt.state[p]["momentum_buffer"]) for b, p in zip(bufs, theirs))  # in place
+
+
+class _GPT(nn.Module):
+    """GPT-2's layout: an embedding, Conv1D blocks (weights stored (in, out)), a Linear head."""
+
+    def __init__(self, head_conv1d=False):
+        super().__init__()
+        self.wte = nn.Embedding(11, 8)
+        self.c_fc, self.c_proj = Conv1D(16, 8), Conv1D(8, 16)
+        self.head = Conv1D(11, 8) if head_conv1d else nn.Linear(8, 11, bias=False)
+
+    def forward(self, t):
+        h = self.wte(t)
+        return self.head(h + self.c_proj(torch.tanh(self.c_fc(h))))
+
+
+@pytest.mark.parametrize("head_conv1d", [False, True])
+def test_gpt2_style_model_is_split_by_the_layer_registry(head_conv1d):
+    torch.manual_seed(0)
+    model = _GPT(head_conv1d)
+    muon, adamw = _names(Muon(model), model)
+    assert muon == ["c_fc.weight", "c_proj.weight"]
+    assert "wte.weight" in adamw and "head.weight" in adamw
+
+
+def test_a_weight_stored_in_by_out_is_scaled_as_out_by_in():
+    torch.manual_seed(0)
+    model = _GPT().double()
+    lr = 0.1
+    opt = Muon(model, lr=lr, momentum=0.0, nesterov=False)
+    t = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
+    W = model.c_fc.weight  # (in=8, out=16): keller's scale is max(1, 16/8)^0.5 on the (out, in) matrix
+    before = W.detach().clone()
+    nn.functional.cross_entropy(model(t).reshape(-1, 11), t.reshape(-1)).backward()
+    opt.step()
+    applied = (before - W.detach()) / lr
+    torch.testing.assert_close(applied, 2**0.5 * _ns_reference(W.grad.T).T, rtol=0, atol=1e-12)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvkit.errors import ArgumentError, NonFiniteError
+from curvkit.errors import NonFiniteError
 from curvkit.optim import SOAP
 
 from .test_shampoo import _grads, _run, _same_state, _state_copy
@@ -23,7 +23,7 @@ def test_first_steps_are_adam_in_the_eigenbasis_by_hand():
     G1, G2 = _grads((5, 5), 2, seed=10)
     W0 = torch.randn(5, 5, dtype=D)
     W = nn.Parameter(W0.clone())
-    opt = SOAP([W], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, update_each=10)
+    opt = SOAP([W], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, every=10)
     _run([W], [[G1]], opt)
     assert torch.equal(W.detach(), W0)  # the first step only takes the basis
     QL, QR = _basis(G1 @ G1.T), _basis(G1.T @ G1)
@@ -76,7 +76,7 @@ def test_matches_the_reference_across_basis_refreshes():
     W0, c0 = torch.randn(5, 5, dtype=D), torch.randn(5, dtype=D)
     W, c = nn.Parameter(W0.clone()), nn.Parameter(c0.clone())
     opt = SOAP([W, c], lr=kw["lr"], betas=(kw["b1"], kw["b2"]), shampoo_beta=kw["sb"], eps=kw["eps"],
-               weight_decay=kw["wd"], update_each=kw["freq"])
+               weight_decay=kw["wd"], every=kw["freq"])
     Wr = W0.clone()
     # the matrix against the reference; the vector against AdamW (ours moves vectors from the
     # first step on, where the reference skips every parameter's first step)
@@ -97,7 +97,7 @@ def test_matches_the_reference_across_basis_refreshes():
 def test_eigh_refresh_diagonalises_the_factors():
     Gs = _grads((4, 6), 4, seed=13)
     W = nn.Parameter(torch.zeros(4, 6, dtype=D))
-    opt = SOAP([W], lr=0.01, update_each=3, refresh="eigh")
+    opt = SOAP([W], lr=0.01, every=3, refresh="eigh")
     _run([W], [[G] for G in Gs], opt)  # steps: init, t=1, 2, 3 (refresh)
     st = opt.state[W]
     for F, Q in ((st["L0"], st["QL0"]), (st["R0"], st["QR0"])):
@@ -112,7 +112,7 @@ def test_blocks_of_a_large_parameter_are_independent_parameters():
     W0 = torch.randn(7, 5, dtype=D)
     W = nn.Parameter(W0.clone())
     parts = [nn.Parameter(W0[b].clone()) for b in blocks]
-    kw = dict(lr=0.05, betas=(0.9, 0.95), update_each=2, weight_decay=0.1, block_size=3)
+    kw = dict(lr=0.05, betas=(0.9, 0.95), every=2, weight_decay=0.1, block_size=3)
     _run([W], [[G] for G in Gs], SOAP([W], **kw))
     _run(parts, [[G[b] for b in blocks] for G in Gs], SOAP(parts, **kw))
     for b, p in zip(blocks, parts):
@@ -123,28 +123,20 @@ def test_param_groups_use_their_own_lr_and_weight_decay():
     Gs = _grads((3, 4), 4, seed=15)
     a0, b0 = torch.randn(3, 4, dtype=D), torch.randn(3, 4, dtype=D)
     a, b = nn.Parameter(a0.clone()), nn.Parameter(b0.clone())
-    opt = SOAP([{"params": [a]}, {"params": [b], "lr": 0.3, "weight_decay": 0.5}], lr=0.01, update_each=2)
+    opt = SOAP([{"params": [a]}, {"params": [b], "lr": 0.3, "weight_decay": 0.5}], lr=0.01, every=2)
     _run([a, b], [[G, 2 * G] for G in Gs], opt)
     a1, b1 = nn.Parameter(a0.clone()), nn.Parameter(b0.clone())
-    _run([a1], [[G] for G in Gs], SOAP([a1], lr=0.01, update_each=2))
-    _run([b1], [[2 * G] for G in Gs], SOAP([b1], lr=0.3, weight_decay=0.5, update_each=2))
+    _run([a1], [[G] for G in Gs], SOAP([a1], lr=0.01, every=2))
+    _run([b1], [[2 * G] for G in Gs], SOAP([b1], lr=0.3, weight_decay=0.5, every=2))
     assert torch.equal(a.detach(), a1.detach()) and torch.equal(b.detach(), b1.detach())
     assert not torch.equal(a.detach(), a0)
-
-
-@pytest.mark.parametrize("kw", [dict(lr=-1.0), dict(betas=(0.9, 1.0)), dict(shampoo_beta=1.0), dict(eps=-1.0),
-                                dict(weight_decay=-0.1), dict(update_each=0), dict(block_size=1.5),
-                                dict(refresh="svd"), dict(shampoo_beta="0.9")])
-def test_bad_hyperparameters_raise(kw):
-    with pytest.raises(ArgumentError):
-        SOAP([nn.Parameter(torch.zeros(2, 2))], **kw)
 
 
 @pytest.mark.parametrize("where", ["gradient", "factor", "factor-at-refresh", "gradient-at-init"])
 def test_nan_leaves_parameters_and_state_unchanged(where):
     Gs = _grads((4, 3), 3, seed=16)
     W, b = nn.Parameter(torch.randn(4, 3, dtype=D)), nn.Parameter(torch.randn(4, dtype=D))
-    opt = SOAP([W, b], lr=0.1, update_each=2 if where != "factor-at-refresh" else 1)
+    opt = SOAP([W, b], lr=0.1, every=2 if where != "factor-at-refresh" else 1)
     if where != "gradient-at-init":
         _run([W, b], [[G, G[:, 0]] for G in Gs], opt)  # init, t=1, t=2; next: t=3 (refresh only if every 1)
     if where.startswith("factor"):
@@ -158,5 +150,5 @@ def test_nan_leaves_parameters_and_state_unchanged(where):
     assert torch.equal(W.detach(), before[0]) and torch.equal(b.detach(), before[1])
     if where != "gradient-at-init":
         assert _same_state(opt, saved)
-    else:
-        assert "QL0" not in opt.state[W] and opt.state[b]["step"] == 0
+    else:  # a failed first step leaves no state behind
+        assert not opt.state

@@ -9,10 +9,12 @@ working dtype; callers cast back where they store.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
-from ..errors import ArgumentError, NonFiniteError
+from ..errors import ArgumentError, CurvkitError, FallbackWarning, NonFiniteError
 
 
 def work_dtype(A: Tensor) -> torch.dtype:
@@ -28,14 +30,65 @@ def _check_square(A: Tensor, name: str) -> None:
 
 def sym_eigh(A: Tensor) -> tuple[Tensor, Tensor]:
     """Eigen-decomposition of the symmetric part of ``A`` in the working dtype, eigenvalues
-    ascending. Cost: one ``eigh`` (O(n^3)). Raises NonFiniteError on NaN/inf entries instead of
-    letting LAPACK fail with an opaque message."""
+    ascending. Raises NonFiniteError on NaN/inf entries instead of letting LAPACK fail with an
+    opaque message.
+
+    When LAPACK does not converge (float32 factors of low rank, e.g. a conv layer's 288 x 288
+    factor from a batch of 8: "the input matrix is ill-conditioned or has too many repeated
+    eigenvalues"), it retries in float64, then in float64 with ``c I`` added, ``c`` from
+    ``1e-12`` up to ``1e-4`` times ``||A||_F`` (the eigenvectors are those of ``A``; the
+    eigenvalues come back shifted by ``c``, a damping far below any the optimizers add). Either
+    fallback warns once with a :class:`~curvkit.errors.FallbackWarning` saying what it did; a
+    CurvkitError that says what to do is the last resort. Cost: one ``eigh`` (O(n^3)); a
+    fallback one to six more, in float64.
+    """
     _check_square(A, "sym_eigh")
     A = A.to(work_dtype(A))
     A = 0.5 * (A + A.transpose(-1, -2))
     if not bool(torch.isfinite(A).all()):
         raise NonFiniteError("a curvature factor has NaN/inf entries; no eigen-decomposition taken")
-    return torch.linalg.eigh(A)
+    try:
+        return torch.linalg.eigh(A)
+    except torch.linalg.LinAlgError:
+        return _eigh_fallback(A)
+
+
+_DAMPINGS = (1e-12, 1e-10, 1e-8, 1e-6, 1e-4)  # relative to ||A||_F, tried in turn
+
+
+def _eigh_fallback(A: Tensor) -> tuple[Tensor, Tensor]:
+    """``eigh`` of a matrix LAPACK refused in ``A.dtype``: float64, then float64 with damping."""
+    dt, A64 = A.dtype, A.to(torch.float64)
+    if dt != torch.float64:
+        try:
+            w, Q = torch.linalg.eigh(A64)
+        except torch.linalg.LinAlgError:
+            pass
+        else:
+            # one message text from one line: Python's default filter shows it once
+            warnings.warn(FallbackWarning(
+                "linalg.eigh did not converge on a float32 curvature factor (low rank or ill-conditioned); "
+                "it was decomposed in float64 instead. Results are as asked, the step is slower; a larger "
+                "batch or damping makes such factors better conditioned"), stacklevel=3)
+            return w.to(dt), Q.to(dt)
+    eye = torch.eye(A.shape[-1], dtype=torch.float64, device=A.device)
+    norm = torch.linalg.matrix_norm(A64, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    for rel in _DAMPINGS:
+        try:
+            w, Q = torch.linalg.eigh(A64 + (rel * norm) * eye)
+        except torch.linalg.LinAlgError:
+            continue
+        warnings.warn(FallbackWarning(
+            "linalg.eigh did not converge on a curvature factor even in float64; it decomposed the factor "
+            "plus a small multiple (1e-12 to 1e-4) of ||A||_F times the identity instead: the same "
+            "eigenvectors, eigenvalues shifted by that damping"), stacklevel=3)
+        return w.to(dt), Q.to(dt)
+    raise CurvkitError(
+        f"linalg.eigh did not converge on a {tuple(A.shape[-2:])} curvature factor, not in float64 and not "
+        f"with damping up to {_DAMPINGS[-1]:g} ||A||_F: the factor is degenerate beyond repair. Raise the "
+        "optimizer's damping (K-FAC: damping, Shampoo: epsilon), use Shampoo's root_method='newton' (no "
+        "LAPACK call), or check the gradients for huge or denormal values"
+    )
 
 
 def inverse_root(A: Tensor, p: float, eps: float = 0.0, method: str = "eigh", iters: int = 100,

@@ -1,21 +1,24 @@
 """Optimizers that use curvature: ``from curvkit.optim import AdaHessian, Sophia, KFAC, Shampoo, SOAP, Muon``.
 
-AdaHessian and Sophia are driven by a closure that returns the loss (Sophia-GNB:
-``(loss, logits)``) WITHOUT calling backward; the optimizer differentiates it, with
-``create_graph=True`` only on the steps that refresh the Hessian diagonal::
+All take torch's loop (``opt.zero_grad(); loss.backward(); opt.step()``); AdaHessian and
+Sophia-H need ``loss.backward(create_graph=True)`` there, since their Hessian-vector products go
+through the gradient's graph. AdaHessian and Sophia also take a closure that returns the loss
+(Sophia-G, which samples targets from the outputs: ``(loss, outputs)``) WITHOUT calling
+backward; the optimizer differentiates it, with ``create_graph=True`` only on the steps that
+refresh the Hessian diagonal::
 
-    opt = AdaHessian(model.parameters(), lr=0.15, update_each=1, seed=0)
+    opt = AdaHessian(model.parameters(), lr=0.15, every=1, seed=0)
     for x, y in loader:
-        loss = opt.step(lambda: loss_fn(model(x), y))   # was: zero_grad; backward; step
+        loss = opt.step(lambda: loss_fn(model(x), y))
 
-The diagonal comes from the same Hutchinson samples as ``curvkit.diagonal``
-(:func:`curvkit.linalg.diagonal.hutchinson_samples`). A runnable version: examples/optim.py.
+KFAC and, optionally, Muon take the model: K-FAC hooks its layers, Muon tells the output head
+and embeddings from hidden matrices (both by :func:`curvkit.model.layers`).
 
-KFAC, Shampoo, SOAP and Muon keep torch's loop (``zero_grad(); loss.backward(); step()``); only
-the constructor changes (KFAC and, optionally, Muon take the model: K-FAC hooks its layers, Muon
-tells the output head and embeddings from hidden matrices). Their factors, roots, eigenbases and
-orthogonalisations come from :mod:`curvkit.approx` (one Kronecker core, one set of matrix
-functions). A runnable version: examples/optim_kron.py.
+One step protocol (:mod:`curvkit.optim._base`): everything new is computed out of place, checked
+once for NaN/inf (one host sync), then written; hyperparameters are per param group and in the
+state_dict; refresh periods are called ``every``. The diagonals come from the same Hutchinson
+samples as ``curvkit.diagonal``; factors, roots, eigenbases and orthogonalisations from
+:mod:`curvkit.approx`. Runnable versions: examples/optim.py, examples/optim_kron.py.
 """
 
 from .adahessian import AdaHessian, adahessian_update

@@ -1,8 +1,9 @@
 """Kronecker-factored gradient statistics shared by Shampoo and SOAP.
 
-- **Matrix view.** A parameter with ``dim >= 2`` is seen as the matrix ``(shape[0], rest)``:
-  a linear weight as is, a conv kernel ``(out, in, kh, kw)`` as ``(out, in*kh*kw)`` (the K-FAC
-  convention, two factors rather than one per tensor dimension). 1-D and 0-d parameters (biases,
+- **Matrix view.** A parameter with ``dim >= 2`` is seen as the matrix ``(shape[0], rest)``
+  (:func:`curvkit.model.layers.matrix_shape`): a linear weight as is, a conv kernel
+  ``(out, in, kh, kw)`` as ``(out, in*kh*kw)`` (the K-FAC convention, two factors rather than
+  one per tensor dimension). 1-D and 0-d parameters (biases,
   norm scales) get no factors: both optimizers treat them with Adam's diagonal.
 - **Blocking.** A matrix dimension longer than ``block_size`` is cut into chunks of
   ``block_size`` (the last one shorter); every block ``G[rows, cols]`` has its own factors
@@ -16,8 +17,9 @@
   processed by batched products (``baddbmm``/``bmm``) and one batched ``eigh``/root, so the
   number of kernel launches per step does not grow with the number of parameters of one shape.
 
-Nothing here changes state in place: the optimizers compute the new state out of place, check
-it once for finiteness (one host sync per step) and only then copy it in.
+Nothing here changes state in place: the optimizers stage the new state
+(:class:`curvkit.optim._base.Staged`) and the step protocol checks it once for finiteness (one
+host sync per step) before copying it in.
 """
 
 from __future__ import annotations
@@ -28,15 +30,9 @@ from typing import Any, Callable, Hashable, Iterable
 import torch
 from torch import Tensor
 
-from ..errors import ArgumentError, NonFiniteError
-from ._base import CurvkitOptimizer, all_finite, copy_back, raise_non_finite, state_dtype
-
-
-def matrix_shape(shape: torch.Size) -> tuple[int, int] | None:
-    """``(shape[0], prod(shape[1:]))`` for ``dim >= 2``; ``None`` (diagonal treatment) otherwise."""
-    if len(shape) < 2:
-        return None
-    return shape[0], int(torch.Size(shape[1:]).numel())
+from ..errors import ArgumentError
+from ..model.layers import matrix_shape
+from ._base import CurvkitOptimizer, Staged, state_dtype
 
 
 def block_slices(m: int, n: int, block_size: int) -> list[tuple[slice, slice]]:
@@ -71,12 +67,6 @@ def group_by(items: Iterable[Any], key: Callable[[Any], Hashable]) -> dict:
     for it in items:
         out[key(it)].append(it)
     return out
-
-
-def copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
-    """``dst[i].copy_(src[i])`` for all ``i`` in one foreach call."""
-    if dst:
-        torch._foreach_copy_(dst, src)
 
 
 # --- one group's step: matrix blocks bucketed for batched calls, new state staged ----------
@@ -120,69 +110,33 @@ def scatter(D: Tensor, bucket: list, params: list[Tensor], bufs: dict, dirs: dic
             dirs[i] = bufs[i].view(params[i].shape)
 
 
-class Staged:
-    """One group's step computed out of place. Nothing is written until :meth:`commit`, which
-    the optimizer calls only after one finiteness check over :attr:`check` (every new value)."""
+def put_blocks(new: Staged, states: list[dict], bucket: list, name: str, X: Tensor) -> None:
+    """State entries ``name{j}`` of the bucket's blocks get ``X[k]`` (made if missing), copied out
+    of the stack; the stack is checked once."""
+    for k, (i, j, _) in enumerate(bucket):
+        new.store(states[i], f"{name}{j}", X[k])
+    new.check.append(X)
 
-    def __init__(self, lr: float, weight_decay: float, decay_first: bool = True) -> None:
-        self.check: list[Tensor] = []
-        self._dst: list[Tensor] = []
-        self._src: list[Tensor] = []
-        self._slots: list[tuple[dict, str, Tensor]] = []
-        self._steps: list[tuple[dict, int]] = []
-        self._update: tuple[list[Tensor], list[Tensor]] = ([], [])
-        self._hyper = (lr, weight_decay, decay_first)
 
-    def replace(self, old: list[Tensor], new: list[Tensor]) -> None:
-        """Existing state tensors ``old[k]`` get the values ``new[k]``."""
-        self._dst += old
-        self._src += new
-        self.check += new
-
-    def put(self, states: list[dict], bucket: list, name: str, X: Tensor) -> None:
-        """State entries ``name{j}`` of the bucket's blocks get ``X[k]`` (made if missing)."""
-        for k, (i, j, _) in enumerate(bucket):
-            self._slots.append((states[i], f"{name}{j}", X[k]))
-        self.check.append(X)
-
-    def count(self, state: dict, t: int) -> None:
-        """``state["step"] = t``."""
-        self._steps.append((state, t))
-
-    def ema_factors(self, states: list[dict], bucket: list, G: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-        """New factors ``L``, ``R`` of the bucket's blocks (:func:`factor_ema` of the stacked
-        gradient blocks ``G``), staged into their state entries and returned stacked."""
-        Ls, Rs = state_blocks(states, bucket, "L"), state_blocks(states, bucket, "R")
-        L, R = factor_ema(stack(Ls), stack(Rs), G, beta)
-        self.replace(Ls + Rs, [*L.unbind(0), *R.unbind(0)])
-        return L, R
-
-    def update(self, params: list[Tensor], dirs: dict) -> None:
-        """Parameter ``i`` moves along ``dirs[i]`` (see :func:`apply_update`)."""
-        self._update = ([params[i] for i in dirs], list(dirs.values()))
-        self.check += self._update[1]
-
-    def commit(self) -> None:
-        for st, k, x in self._slots:
-            if k not in st:
-                st[k] = torch.empty_like(x)
-        copy_all(self._dst + [st[k] for st, k, _ in self._slots], self._src + [x for _, _, x in self._slots])
-        for st, t in self._steps:
-            st["step"] = t
-        if self._update[0]:
-            lr, wd, decay_first = self._hyper
-            apply_update(*self._update, lr, wd, decay_first=decay_first)
+def ema_factors(new: Staged, states: list[dict], bucket: list, G: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """New factors ``L``, ``R`` of the bucket's blocks (:func:`factor_ema` of the stacked gradient
+    blocks ``G``), staged into their state entries and returned stacked."""
+    Ls, Rs = state_blocks(states, bucket, "L"), state_blocks(states, bucket, "R")
+    L, R = factor_ema(stack(Ls), stack(Rs), G, beta)
+    new.replace(Ls + Rs, [*L.unbind(0), *R.unbind(0)])
+    return L, R
 
 
 class KronOptimizer(CurvkitOptimizer):
-    """The step Shampoo and SOAP share: every group's new state computed out of place by
-    ``_prepare(group) -> Staged``, ONE finiteness check over all of it (the only host sync of an
-    ordinary step), then the commits. A NaN/inf gradient, factor, root or eigenbasis raises
-    ``NonFiniteError`` with parameters and state untouched."""
+    """What Shampoo and SOAP share: the state of a matrix parameter's blocks, and a step that
+    stages every group's new state (``_prepare(group, staged)``) for the step protocol. A NaN/inf
+    gradient, factor, root or eigenbasis raises ``NonFiniteError`` with parameters and state
+    untouched."""
 
     _what = "a Kronecker factor or update"
+    _renamed = {"update_each": "every"}
 
-    def _prepare(self, group: dict) -> Staged:
+    def _prepare(self, group: dict, new: Staged) -> None:
         raise NotImplementedError
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -195,53 +149,40 @@ class KronOptimizer(CurvkitOptimizer):
                 if k in st and not st[k].is_contiguous():
                     st[k] = st[k].contiguous()
 
-    def _init_state(self, params: list[Tensor], block_size: int) -> None:
-        """First sight of a parameter: Adam's two moments, and zero factors ``L{j}``/``R{j}`` for
-        every block ``j`` of its matrix view (state in ``state_dtype``). Refuses sparse gradients."""
+    def _init_state(self, params: list[Tensor], block_size: int, new: Staged) -> list[dict]:
+        """The parameters' state dicts. On first sight of a parameter a fresh one, entered into
+        ``self.state`` only by the commit: Adam's two moments, and zero factors ``L{j}``/``R{j}``
+        for every block ``j`` of its matrix view (state in ``state_dtype``). Refuses sparse
+        gradients."""
+        states = []
         for p in params:
             if p.grad.is_sparse:
                 raise ArgumentError(f"{type(self).__name__} does not support sparse gradients")
-            st = self.state[p]
-            if st:
-                continue
-            st["step"] = 0
-            st["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
-            st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
-            if (mn := matrix_shape(p.shape)) is not None:
-                for j, blk in enumerate(block_slices(*mn, block_size)):
-                    m, n = block_shape(blk)
-                    st[f"L{j}"] = p.new_zeros((m, m), dtype=state_dtype(p))
-                    st[f"R{j}"] = p.new_zeros((n, n), dtype=state_dtype(p))
+            st = self._staged_state(p, new)
+            if not st:  # zeros in place of the moments and factors: the first step's EMA starts from them
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
+                st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+                if (mn := matrix_shape(p.shape)) is not None:
+                    for j, blk in enumerate(block_slices(*mn, block_size)):
+                        m, n = block_shape(blk)
+                        st[f"L{j}"] = p.new_zeros((m, m), dtype=state_dtype(p))
+                        st[f"R{j}"] = p.new_zeros((n, n), dtype=state_dtype(p))
+            states.append(st)
+        return states
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One update from ``p.grad``; ``closure`` (optional) re-evaluates the model, calls
         ``backward`` and returns the loss, as in torch."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        try:
-            plans = [self._prepare(group) for group in self.param_groups]
-        except NonFiniteError:  # an eigh/root of a non-finite factor refused it
-            raise_non_finite(self._what, loss, grads)
-        if not all_finite([t for plan in plans for t in plan.check]):
-            raise_non_finite(self._what, loss, grads)
-        for plan in plans:
-            plan.commit()
+
+        def prepare() -> Staged:
+            new = Staged()
+            for group in self.param_groups:
+                self._prepare(group, new)
+            return new
+
+        self._run_step(prepare, self._what, loss, grads)
         return loss
-
-
-def apply_update(params: list[Tensor], dirs: list[Tensor], lr: float, weight_decay: float,
-                 decay_first: bool = True) -> None:
-    """``p = p (1 - lr weight_decay) - lr d`` (``decay_first=False``: ``(p - lr d)(1 - lr
-    weight_decay)``, SOAP's order) in the state dtype, written back in ``p``'s dtype.
-    Cost: two foreach calls."""
-    xs = [p if p.dtype == d.dtype else p.to(d.dtype) for p, d in zip(params, dirs)]
-    if weight_decay and decay_first:
-        torch._foreach_mul_(xs, 1 - lr * weight_decay)
-    torch._foreach_add_(xs, dirs, alpha=-lr)
-    if weight_decay and not decay_first:
-        torch._foreach_mul_(xs, 1 - lr * weight_decay)
-    copy_back(params, xs)

@@ -3,15 +3,15 @@ estimate of the squared Hessian diagonal."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ArgumentError
-from ._base import state_dtype, use_foreach
+from ._base import renamed, state_dtype
 from ._diag import DiagonalOptimizer, check_hyper
+from ._moments import adam_denominator, bias_corrected, decoupled_update, ema_, ema_sq_, tensor_batches
 
 
 def spatial_average(d: Tensor) -> Tensor:
@@ -44,42 +44,22 @@ def adahessian_update(
 
     ``m = b1 m + (1 - b1) g``; when ``diags`` is given (a refresh step) ``v = b2 v + (1 - b2) D^2``
     with ``D`` the spatially averaged diagonal; then
-    ``p -= lr * (m / (1 - b1^t) / ((sqrt(v) / sqrt(1 - b2^s))^k + eps) + weight_decay * p)``,
-    ``t`` the step, ``s`` the number of refreshes, ``k`` the Hessian power. Weight decay is
-    decoupled (not in ``m``). State and arithmetic in ``state_dtype`` (float32 for bf16), the
-    result written back in the parameter's dtype. ``steps``/``hessian_steps`` are the counts
-    after this step. ``foreach`` (default: on CUDA) runs the update as a few multi-tensor kernels
-    instead of several per parameter. Cost: no products (the diagonal is given).
+    ``p = p (1 - lr weight_decay) - lr * m / (1 - b1^t) / ((sqrt(v) / sqrt(1 - b2^s))^k + eps)``,
+    ``t`` the step, ``s`` the number of refreshes, ``k`` the Hessian power (Adam's moments and
+    denominator, :mod:`curvkit.optim._moments`). Weight decay is decoupled (not in ``m``). State
+    and arithmetic in ``state_dtype`` (float32 for bf16), the result written back in the
+    parameter's dtype. ``steps``/``hessian_steps`` are the counts after this step. ``foreach``
+    (default: on CUDA) runs the update as a few multi-tensor kernels rather than a few per
+    parameter (the same arithmetic). Cost: no products (the diagonal is given).
     """
-    if use_foreach(foreach, params, exp_avgs, exp_hessian_diag_sqs):
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    for idx in tensor_batches(foreach, params, exp_avgs, exp_hessian_diag_sqs):
+        m, v = [exp_avgs[i] for i in idx], [exp_hessian_diag_sqs[i] for i in idx]
+        ema_(m, [grads[i].to(m[k].dtype) for k, i in enumerate(idx)], beta1)
         if diags is not None:
-            D = [spatial_average(d) for d in diags]
-            torch._foreach_mul_(exp_hessian_diag_sqs, beta2)
-            torch._foreach_addcmul_(exp_hessian_diag_sqs, D, D, value=1 - beta2)
-        denom = torch._foreach_sqrt(exp_hessian_diag_sqs)
-        torch._foreach_div_(denom, [math.sqrt(1 - beta2**s) for s in hessian_steps])
-        if hessian_power != 1:
-            torch._foreach_pow_(denom, hessian_power)
-        torch._foreach_add_(denom, eps)
-        upd = torch._foreach_div(exp_avgs, [1 - beta1**t for t in steps])
-        torch._foreach_div_(upd, denom)
-        if weight_decay:
-            torch._foreach_add_(upd, params, alpha=weight_decay)
-        torch._foreach_add_(params, upd, alpha=-lr)
-        return
-    for i, p in enumerate(params):
-        x = p.to(exp_avgs[i].dtype)
-        exp_avgs[i].mul_(beta1).add_(grads[i].to(x.dtype), alpha=1 - beta1)
-        if diags is not None:
-            D = spatial_average(diags[i])
-            exp_hessian_diag_sqs[i].mul_(beta2).addcmul_(D, D, value=1 - beta2)
-        bc1 = 1 - beta1 ** steps[i]
-        bc2 = 1 - beta2 ** hessian_steps[i]
-        denom = (exp_hessian_diag_sqs[i].sqrt() / math.sqrt(bc2)).pow(hessian_power).add_(eps)
-        x = x - lr * (exp_avgs[i] / bc1 / denom + weight_decay * x)
-        p.copy_(x)
+            ema_sq_(v, [spatial_average(diags[i]) for i in idx], beta2)
+        denom = adam_denominator(v, [hessian_steps[i] for i in idx], beta2, eps, power=hessian_power)
+        d = torch._foreach_div(bias_corrected(m, [steps[i] for i in idx], beta1), denom)
+        decoupled_update([params[i] for i in idx], d, lr, weight_decay)
 
 
 class AdaHessian(DiagonalOptimizer):
@@ -87,11 +67,15 @@ class AdaHessian(DiagonalOptimizer):
 
     Adam's second moment is the EMA of the squared Hutchinson Hessian diagonal (Rademacher
     probes, the same samples as ``ck.diagonal``), spatially averaged over conv kernels, raised to
-    ``hessian_power``; decoupled weight decay; the diagonal refreshed every ``update_each`` steps
-    and its EMA left unchanged in between.
+    ``hessian_power``; decoupled weight decay; the diagonal refreshed every ``every`` steps
+    and its EMA left unchanged in between (``update_each`` is the deprecated name of ``every``).
 
-    Use ``loss = opt.step(closure)``: the closure does the forward pass and returns the loss; do
-    NOT call ``backward`` in it — the optimizer does (with ``create_graph=True`` on refresh steps).
+    Drive it with torch's loop, ``loss.backward(create_graph=True); opt.step()`` (the
+    Hessian-vector products go through the graph kept in ``p.grad``; a refresh step without it
+    raises ModelError saying so), or with ``loss = opt.step(closure)``, the closure doing the
+    forward pass and returning the loss without calling ``backward``: the optimizer
+    differentiates it, with ``create_graph=True`` only on refresh steps, which is cheaper. A
+    closure that calls ``backward`` itself (torch's convention) works as the torch loop does.
 
     >>> import torch
     >>> from curvkit.optim import AdaHessian
@@ -99,7 +83,7 @@ class AdaHessian(DiagonalOptimizer):
     <torch._C.Generator object at ...>
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     >>> x = torch.randn(64, 4); y = x @ torch.tensor([[1.0], [-2.0], [0.5], [1.0]])
-    >>> opt = AdaHessian(model.parameters(), lr=0.15, update_each=2, seed=0)
+    >>> opt = AdaHessian(model.parameters(), lr=0.15, every=2, seed=0)
     >>> first = opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
     >>> for _ in range(50):
     ...     loss = opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
@@ -107,8 +91,9 @@ class AdaHessian(DiagonalOptimizer):
     True
 
     Cost per step: one forward and one backward pass; on refresh steps also ``probes``
-    Hessian-vector products (double backward, about 2 gradients each) — with ``update_each=1``
-    about 3x an Adam step, with ``update_each=10`` about 1.2x.
+    Hessian-vector products (double backward, about 2 gradients each) -- with ``every=1``
+    about 3x an Adam step, with ``every=10`` about 1.2x. In torch's loop every backward keeps
+    its graph (``create_graph=True``), which costs memory on the steps between refreshes too.
     """
 
     def __init__(
@@ -119,18 +104,24 @@ class AdaHessian(DiagonalOptimizer):
         eps: float = 1e-4,
         weight_decay: float = 0.0,
         hessian_power: float = 1.0,
-        update_each: int = 1,
-        seed: int | None = 0,
+        every: int = 1,
+        seed: int | torch.Generator | None = 0,
         foreach: bool | None = None,
+        update_each: int | None = None,
     ):
-        check_hyper(lr, betas, eps, weight_decay, update_each)
-        if not isinstance(hessian_power, (int, float)) or not 0.0 <= hessian_power <= 1.0:
-            raise ArgumentError(f"hessian_power must be in [0, 1] (1: full Newton scaling, 0: none), got {hessian_power!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        hessian_power=hessian_power, update_each=update_each, foreach=foreach)
+        every = renamed("AdaHessian", "every", every, 1, "update_each", update_each)
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
+                        weight_decay=weight_decay, hessian_power=hessian_power, every=every, foreach=foreach)
         super().__init__(params, defaults, seed)
 
-    def _estimator(self) -> str:
+    @staticmethod
+    def _check_group(g: dict) -> None:
+        check_hyper(g)
+        hp = g["hessian_power"]
+        if not isinstance(hp, (int, float)) or isinstance(hp, bool) or not 0.0 <= hp <= 1.0:
+            raise ArgumentError(f"hessian_power must be in [0, 1] (1: full Newton scaling, 0: none), got {hp!r}")
+
+    def _estimator(self, group: dict) -> str:
         return "hutchinson"
 
     def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor], diags: list[Tensor] | None) -> None:
@@ -150,5 +141,5 @@ class AdaHessian(DiagonalOptimizer):
             params, grads, diags,
             [self.state[p]["exp_avg"] for p in params], [self.state[p]["exp_hessian_diag_sq"] for p in params],
             steps, hsteps, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
-            weight_decay=group["weight_decay"], hessian_power=group["hessian_power"], foreach=group.get("foreach"),
+            weight_decay=group["weight_decay"], hessian_power=group["hessian_power"], foreach=group["foreach"],
         )

@@ -17,9 +17,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..approx.kronecker import activation_factor, gradient_factor, input_rows, kron_eigen, kron_layers, kron_solve, output_rows
-from ..errors import ModelError
+from ..errors import ArgumentError, ModelError
 from ..model import LayerHooks, resolve_params
-from ._base import CurvkitOptimizer, all_finite, check_number, check_positive_int, raise_non_finite, state_dtype
+from ._base import CurvkitOptimizer, Staged, check_number, check_positive_int, refresh_due, renamed, state_dtype
+from ._moments import heavy_ball
 
 _HINT = "Train that layer with another optimizer: pass KFAC(model, params=...) without its parameters"
 _KEYS = ("kfac_A", "kfac_G")
@@ -27,44 +28,50 @@ _EIG = ("kfac_dA", "kfac_QA", "kfac_dG", "kfac_QG")
 
 
 class KFAC(CurvkitOptimizer):
-    r"""K-FAC: gradients of ``nn.Linear``/``nn.Conv2d`` layers preconditioned by
-    ``(A (x) G + damping I)^{-1}``, then momentum and decoupled weight decay.
+    r"""K-FAC: gradients of linear (``nn.Linear`` and modules computing ``x W^T + b`` or ``x W + b``,
+    as GPT-2's ``Conv1D``) and ``nn.Conv2d`` layers preconditioned by ``(A (x) G + damping I)^{-1}``,
+    then momentum and decoupled weight decay.
 
-    On factor-update steps (every ``factor_update_each``) forward hooks keep each layer's
-    input and tensor hooks on its output take the backward's gradient ``dL/ds``; the factors
+    On factor-update steps (every ``factor_every``) forward hooks keep each layer's input and
+    tensor hooks on its output take the backward's gradient ``dL/ds``; the factors
     ``A = a~^T a~ / N`` and ``G = N (dL/ds)^T (dL/ds) / T`` (empirical Fisher of a loss that
     averages over the ``N`` examples of the batch; ``T`` conv positions per example) enter
     exponential moving averages with weight ``ema`` (the first update sets them). Every
-    ``inverse_update_each`` steps both are eigendecomposed (``matfun.sym_eigh``) and the update
+    ``inverse_every`` steps both are eigendecomposed (``matfun.sym_eigh``) and the update
     direction of a layer with gradient ``M = [dW | db]`` is the exact damped solve
     ``Q_G [(Q_G^T M Q_A) / (d_G d_A^T + damping)] Q_A^T``. Then, for every parameter,
     ``buf = momentum * buf + direction`` and ``p = p (1 - lr weight_decay) - lr buf``.
 
     Parameters K-FAC cannot precondition (norms, embeddings, grouped convs, tied weights) get
-    plain SGD with the same momentum and weight decay. Factors and all state are float32 for
-    bf16/fp16 models (float64 stays float64). Under ``torch.distributed`` (world size > 1) the
-    factor statistics are averaged over ranks before the EMA, so ranks stay identical. A NaN/inf
-    gradient or factor raises ``NonFiniteError`` before any parameter or state is written. A
-    layer called twice in one forward (weight sharing) raises ``ModelError``.
+    plain SGD with the same momentum and weight decay (``fallback`` lists them, ``fallback_reasons``
+    says why); when that is every chosen parameter, the constructor raises ModelError naming why
+    each fell back. Factors and all state are float32 for bf16/fp16 models (float64 stays
+    float64). Under ``torch.distributed`` (world size > 1) the factor statistics are averaged over
+    ranks before the EMA, so ranks stay identical. A NaN/inf gradient or factor raises
+    ``NonFiniteError`` before any parameter or state is written. A layer called twice in one
+    forward (weight sharing) raises ``ModelError``.
 
-    Args: ``lr``, ``momentum``, ``weight_decay`` (decoupled) and ``damping`` are per param
-    group; ``factor_update_each``/``inverse_update_each`` set the schedule (step 0 does both);
-    ``ema`` weighs the old factors; ``kl_clip`` (default 1e-3, as in Ba et al. 2017 and the
-    common K-FAC implementations; ``None`` turns it off) scales the preconditioned directions by
-    ``min(1, sqrt(kl_clip / sum lr^2 <d, g>))`` so a step's predicted KL change stays bounded —
+    Args: every hyperparameter is per param group (``lr``, ``momentum``, ``weight_decay``
+    (decoupled), ``damping``, the schedule ``factor_every``/``inverse_every`` (step 0 does both),
+    ``ema`` (the weight of the old factors) and ``kl_clip``); a layer follows the group of its
+    weight. ``kl_clip`` (default 1e-3, as in Ba et al. 2017 and the common K-FAC
+    implementations; ``None`` turns it off) scales a group's preconditioned directions by
+    ``min(1, sqrt(kl_clip / sum lr^2 <d, g>))`` so a step's predicted KL change stays bounded --
     without it K-FAC with small damping takes huge steps along directions of tiny curvature and
-    diverges in a few steps; ``params`` (a ``ck`` parameter spec: names, a regex, a
-    predicate, tensors) restricts what this optimizer trains. ``G`` assumes the loss averages
-    over examples (as cross-entropy does); a loss that also averages over outputs (``MSELoss``
-    over ``d`` outputs) gives ``G / d`` relative to ``ck.kfac(..., kind="empirical")``,
-    layers applied at ``S`` positions per example (sequences) give ``G / S``, and a loss divided
-    by ``k`` for gradient accumulation gives ``G / k^2``: each only rescales the effective
-    damping (and the KL clip). Under fp16 ``GradScaler`` the hooks see scaled gradients, so ``G``
-    carries the scale squared: use bf16 autocast, which needs no scaler. ``remove_hooks()`` detaches it from the model.
+    diverges in a few steps. ``params`` (a ``ck`` parameter spec: names, a regex, a predicate,
+    tensors; or a list of param groups ``{"params": spec, "lr": ...}``) restricts what this
+    optimizer trains. ``factor_update_each``/``inverse_update_each`` are the deprecated names of
+    ``factor_every``/``inverse_every``. ``G`` assumes the loss averages over examples (as
+    cross-entropy does); a loss that also averages over outputs (``MSELoss`` over ``d`` outputs)
+    gives ``G / d`` relative to ``ck.kfac(..., kind="empirical")``, layers applied at ``S``
+    positions per example (sequences) give ``G / S``, and a loss divided by ``k`` for gradient
+    accumulation gives ``G / k^2``: each only rescales the effective damping (and the KL clip).
+    Under fp16 ``GradScaler`` the hooks see scaled gradients, so ``G`` carries the scale squared:
+    use bf16 autocast, which needs no scaler. ``remove_hooks()`` detaches it from the model.
 
     Cost per step: the backward the user runs; on factor-update steps one ``(rows x cols)``
     Gram matrix for each factor of each layer (conv inputs unfolded) and activations kept
-    until backward (other steps: the hooks store nothing); every ``inverse_update_each`` steps
+    until backward (other steps: the hooks store nothing); every ``inverse_every`` steps
     two ``eigh`` per layer; per step four small matrix products per layer.
 
     >>> import torch
@@ -72,7 +79,7 @@ class KFAC(CurvkitOptimizer):
     >>> _ = torch.manual_seed(0)
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     >>> x = torch.randn(128, 8); y = x[:, :3].argmax(1)
-    >>> opt = KFAC(model, lr=0.1, damping=1e-2)
+    >>> opt = KFAC(model, lr=0.1, damping=1e-2, inverse_every=5)
     >>> for i in range(30):
     ...     opt.zero_grad(); loss = torch.nn.functional.cross_entropy(model(x), y); loss.backward(); opt.step()
     ...     first = loss.item() if i == 0 else first
@@ -81,41 +88,56 @@ class KFAC(CurvkitOptimizer):
     >>> opt.remove_hooks()
     """
 
+    _renamed = {"factor_update_each": "factor_every", "inverse_update_each": "inverse_every"}
+
     def __init__(self, model: nn.Module, lr: float = 0.01, damping: float = 1e-3, momentum: float = 0.9,
-                 weight_decay: float = 0.0, factor_update_each: int = 1, inverse_update_each: int = 10,
-                 ema: float = 0.95, kl_clip: float | None = 1e-3, params: Any = None):
+                 weight_decay: float = 0.0, factor_every: int = 1, inverse_every: int = 10,
+                 ema: float = 0.95, kl_clip: float | None = 1e-3, params: Any = None,
+                 factor_update_each: int | None = None, inverse_update_each: int | None = None):
         if not isinstance(model, nn.Module):
             raise ModelError(
                 f"KFAC needs the model itself (it hooks its layers), got {type(model).__name__}; "
                 "use KFAC(model, lr=...) rather than KFAC(model.parameters(), ...)"
             )
-        check_number("lr", lr)
-        check_number("damping", damping, strict=True)
-        check_number("momentum", momentum, high=1.0)
-        check_number("weight_decay", weight_decay)
-        check_number("ema", ema, high=1.0)
-        check_positive_int("factor_update_each", factor_update_each)
-        check_positive_int("inverse_update_each", inverse_update_each)
-        if kl_clip is not None:
-            check_number("kl_clip", kl_clip, strict=True)
-        named = [(n, p) for n, p in resolve_params(model, params) if p.requires_grad]
-        if not named:
-            raise ModelError("none of the chosen parameters requires grad; nothing to train")
-        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
-        super().__init__([p for _, p in named], defaults)
-        self.factor_update_each, self.inverse_update_each, self.ema = factor_update_each, inverse_update_each, ema
-        self.kl_clip = kl_clip
+        factor_every = renamed("KFAC", "factor_every", factor_every, 1, "factor_update_each", factor_update_each)
+        inverse_every = renamed("KFAC", "inverse_every", inverse_every, 10, "inverse_update_each", inverse_update_each)
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
+                        factor_every=factor_every, inverse_every=inverse_every, ema=ema, kl_clip=kl_clip)
+        self._check_group(defaults)
+        groups = _param_groups(model, params)
+        named = [np for _, g in groups for np in g]
+        super().__init__([{**over, "params": [p for _, p in g]} for over, g in groups], defaults)
         self.layers, left = kron_layers(model, named)
+        self.fallback = [n for n, _ in left]  # parameter names updated by SGD with momentum
+        self.fallback_reasons = dict(left)
+        if not self.layers:
+            why = "; ".join(f"{n}: {r}" for n, r in left)
+            raise ModelError(
+                f"K-FAC would precondition none of the chosen parameters, and train them all with plain SGD: "
+                f"{why}. K-FAC handles linear and Conv2d layers; train these with another optimizer "
+                "(torch.optim.SGD, or curvkit's Shampoo or AdaHessian)"
+            )
         by_name = dict(named)
         self._lparams = [[by_name[n] for n in layer.kron_params()] for layer in self.layers]
         self._index = {layer.name: i for i, layer in enumerate(self.layers)}
-        self.fallback = [n for n, _ in left]  # parameter names updated by SGD with momentum
         self._step = 0
         self._sums: dict[int, list] = {}  # layer index -> [A sum, G sum, count] of this step
-        self._collect = True
+        self._collecting = self._due_layers()
         ref = weakref.ref(self)
         self._hooks = LayerHooks(self.layers, root=model, on_grad=_on_grad(ref), enabled=_enabled(ref),
                                  hint=_HINT).attach()
+
+    @staticmethod
+    def _check_group(g: dict) -> None:
+        check_number("lr", g["lr"])
+        check_number("damping", g["damping"], strict=True)
+        check_number("momentum", g["momentum"], high=1.0)
+        check_number("weight_decay", g["weight_decay"])
+        check_number("ema", g["ema"], high=1.0)
+        check_positive_int("factor_every", g["factor_every"])
+        check_positive_int("inverse_every", g["inverse_every"])
+        if g["kl_clip"] is not None:
+            check_number("kl_clip", g["kl_clip"], strict=True)
 
     # hooks -----------------------------------------------------------------------------
     def remove_hooks(self) -> None:
@@ -129,6 +151,8 @@ class KFAC(CurvkitOptimizer):
             hooks.remove()
 
     def _accumulate(self, i: int, x: Tensor, g: Tensor) -> None:
+        if i not in self._collecting:
+            return
         module = self.layers[i].module
         with torch.no_grad():
             rows, T = input_rows(module, x)
@@ -148,18 +172,30 @@ class KFAC(CurvkitOptimizer):
         self._hooks.clear()
         super().zero_grad(set_to_none=set_to_none)
 
-    # the step --------------------------------------------------------------------------
+    # the schedule ----------------------------------------------------------------------
     def _layer_state(self, i: int) -> dict:
-        return self.state[self._lparams[i][0]]
+        return self.state.get(self._lparams[i][0], {})
 
+    def _layer_groups(self) -> list[dict]:
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        return [group_of[id(ps[0])] for ps in self._lparams]
+
+    def _due_layers(self) -> set[int]:
+        """The layers whose factors this step collects: due by their group's ``factor_every``, or
+        without factors yet."""
+        return {i for i, g in enumerate(self._layer_groups())
+                if refresh_due(self._step, g["factor_every"]) or "kfac_A" not in self._layer_state(i)}
+
+    # the step --------------------------------------------------------------------------
     def _new_factors(self) -> dict[int, tuple[Tensor, Tensor]]:
         """This step's factors (micro-batches averaged, then ranks averaged), EMA'd, not stored."""
+        idx = sorted(self._collecting) if self._hooks.attached else []
         stats = []
-        for i, layer in enumerate(self.layers):
+        for i in idx:
             s = self._sums.get(i)
             if s is None:
-                p, (out, cols) = self._lparams[i][0], layer.shape
-                cols = len(range(*layer.columns().indices(cols)))
+                p, (out, cols) = self._lparams[i][0], self.layers[i].shape
+                cols = len(range(*self.layers[i].columns().indices(cols)))
                 z = dict(dtype=state_dtype(p), device=p.device)
                 s = [torch.zeros(cols, cols, **z), torch.zeros(out, out, **z), 0]
             stats.append(s)
@@ -168,15 +204,16 @@ class KFAC(CurvkitOptimizer):
             c = [torch.tensor(float(n), dtype=s[0].dtype, device=s[0].device) for n, s in zip(counts, stats)]
             _all_reduce_sum([[s[0], s[1], t] for s, t in zip(stats, c)])
             counts = torch.stack([t.to(c[0]) for t in c]).tolist()  # ranks agree on which layers ran
+        groups = self._layer_groups()
         new = {}
-        for i, ((A, G, _), count) in enumerate(zip(stats, counts)):
+        for i, (A, G, _), count in zip(idx, stats, counts):
             if not count:
                 continue  # the layer ran no forward/backward on this step
             A, G = A / count, G / count
             st = self._layer_state(i)
             if "kfac_A" in st:
-                A = torch.lerp(A, st["kfac_A"], self.ema)
-                G = torch.lerp(G, st["kfac_G"], self.ema)
+                A = torch.lerp(A, st["kfac_A"], groups[i]["ema"])
+                G = torch.lerp(G, st["kfac_G"], groups[i]["ema"])
             new[i] = (A, G)
         return new
 
@@ -186,75 +223,61 @@ class KFAC(CurvkitOptimizer):
 
         Raises ``NonFiniteError`` (parameters and state unchanged) on a NaN/inf gradient or factor.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         try:
-            self._update(self._new_factors() if self._collect else {})
+            self._run_step(self._prepare, "a K-FAC factor", loss, grads)
         finally:
             self._sums.clear()
             self._hooks.clear()
         return loss
 
-    def _update(self, new: dict[int, tuple[Tensor, Tensor]]) -> None:
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
-        if not all_finite(grads + [t for pair in new.values() for t in pair]):  # one host sync
-            raise_non_finite("a K-FAC factor", grads=grads)
-        invert = self._step % self.inverse_update_each == 0
-        for i, (A, G) in new.items():
-            st = self._layer_state(i)
-            st["kfac_A"], st["kfac_G"] = A, G
-            if not invert and "kfac_QA" not in st:
-                st.update(zip(_EIG, kron_eigen(A, G)))
-        if invert:
-            for i in range(len(self.layers)):
-                st = self._layer_state(i)
-                if "kfac_A" in st:
-                    st.update(zip(_EIG, kron_eigen(st["kfac_A"], st["kfac_G"])))
-        directions = {}
+    def _prepare(self) -> Staged:
+        new = Staged()
+        factors = self._new_factors()
+        groups = self._layer_groups()
+        for A, G in factors.values():
+            new.check += [A, G]
+        directions: dict[int, Tensor] = {}
         for i, (layer, ps) in enumerate(zip(self.layers, self._lparams)):
             st = self._layer_state(i)
-            if "kfac_QA" not in st or any(p.grad is None for p in ps):
-                continue  # no factors yet (or no gradient): these parameters take the plain gradient
+            A, G = factors[i] if i in factors else (st.get("kfac_A"), st.get("kfac_G"))
+            if A is None:
+                continue  # no factors yet: these parameters take the plain gradient
+            state = self._staged_state(ps[0], new)
+            for k, v in zip(_KEYS, (A, G)):
+                if i in factors:
+                    new.put(state, k, v, check=False)
+            if refresh_due(self._step, groups[i]["inverse_every"]) or "kfac_QA" not in st:
+                eig = kron_eigen(A, G)
+                for k, v in zip(_EIG, eig):
+                    new.put(state, k, v, check=False)
+            else:
+                eig = tuple(st[k] for k in _EIG)
+            if any(p.grad is None for p in ps):
+                continue
             M = layer.to_matrix([p.grad.to(state_dtype(p))[None] for p in ps])[0]
-            D = kron_solve(M, tuple(st[k] for k in _EIG), group_of[id(ps[0])]["damping"])
+            D = kron_solve(M, eig, groups[i]["damping"])
             directions.update(zip(map(id, ps), (d[0] for d in layer.from_matrix(D[None]))))
-        if self.kl_clip is not None and directions:
-            self._clip(directions, group_of)
         for g in self.param_groups:
-            lr, mom, wd = g["lr"], g["momentum"], g["weight_decay"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                d = directions.get(id(p))
-                d = p.grad.to(state_dtype(p)) if d is None else d
-                buf = st.get("momentum_buffer")
-                if buf is None:
-                    buf = st["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(mom).add_(d)
-                x = p.to(state_dtype(p))
-                p.copy_(x * (1 - lr * wd) - lr * buf)
+            ps = [p for p in g["params"] if p.grad is not None]
+            if not ps:
+                continue
+            if g["kl_clip"] is not None:
+                _clip(directions, [p for p in ps if id(p) in directions], g["lr"], g["kl_clip"])
+            ds = [directions.get(id(p), p.grad.to(state_dtype(p))) for p in ps]
+            sts = [self._staged_state(p, new) for p in ps]
+            bufs = heavy_ball([st["momentum_buffer"] if "momentum_buffer" in st else torch.zeros_like(d)
+                               for st, d in zip(sts, ds)], ds, g["momentum"])
+            for st, b in zip(sts, bufs):
+                new.put(st, "momentum_buffer", b)
+            new.move(ps, bufs, lr=g["lr"], weight_decay=g["weight_decay"], check=False)
+        new.then(self._advance)
+        return new
+
+    def _advance(self) -> None:
         self._step += 1
-        self._collect = self._due() or any("kfac_A" not in self._layer_state(i) for i in range(len(self.layers)))
-
-    def _clip(self, directions: dict, group_of: dict) -> None:
-        """Scale the preconditioned directions by ``min(1, sqrt(kl_clip / sum lr^2 <d, g>))``: the
-        update's predicted change of the model's output distribution (KL, by the Fisher model) stays
-        under ``kl_clip``. On the device, no host sync."""
-        params = [p for g in self.param_groups for p in g["params"] if id(p) in directions]
-        vg = sum(group_of[id(p)]["lr"] ** 2 * (directions[id(p)] * p.grad.to(directions[id(p)].dtype)).sum()
-                 for p in params)
-        nu = (self.kl_clip / vg.clamp_min(torch.finfo(vg.dtype).tiny)).sqrt().clamp_max(1.0)
-        for p in params:
-            directions[id(p)] = directions[id(p)] * nu.to(directions[id(p)].dtype)
-
-    def _due(self) -> bool:
-        return self._step % self.factor_update_each == 0
+        self._collecting = self._due_layers()
 
     # state -----------------------------------------------------------------------------
     def _extra_state(self) -> dict:
@@ -262,7 +285,39 @@ class KFAC(CurvkitOptimizer):
 
     def _load_extra_state(self, extra: dict) -> None:
         self._step = int(extra["step"])
-        self._collect = self._due() or any("kfac_A" not in self._layer_state(i) for i in range(len(self.layers)))
+        self._collecting = self._due_layers()
+
+
+def _clip(directions: dict, params: list[Tensor], lr: float, kl_clip: float) -> None:
+    """Scale the preconditioned directions of ``params`` by ``min(1, sqrt(kl_clip / sum lr^2 <d,
+    g>))``: the update's predicted change of the model's output distribution (KL, by the Fisher
+    model) stays under ``kl_clip``. On the device, no host sync."""
+    if not params:
+        return
+    vg = sum(lr ** 2 * (directions[id(p)] * p.grad.to(directions[id(p)].dtype)).sum() for p in params)
+    nu = (kl_clip / vg.clamp_min(torch.finfo(vg.dtype).tiny)).sqrt().clamp_max(1.0)
+    for p in params:
+        directions[id(p)] = directions[id(p)] * nu.to(directions[id(p)].dtype)
+
+
+def _param_groups(model: nn.Module, params: Any) -> list[tuple[dict, list[tuple[str, Tensor]]]]:
+    """``[(hyperparameters, [(name, parameter)])]``: one group for a ck parameter spec, or one per
+    ``{"params": spec, ...}`` dict of a list of groups; frozen parameters left out."""
+    specs = params if isinstance(params, (list, tuple)) and params and all(isinstance(g, dict) for g in params) \
+        else [{"params": params}]
+    out, seen = [], set()
+    for g in specs:
+        if "params" not in g:
+            raise ArgumentError(f"a param group needs a 'params' entry (a ck parameter spec), got keys {sorted(g)}")
+        named = [(n, p) for n, p in resolve_params(model, g["params"]) if p.requires_grad]
+        if not named:
+            raise ModelError("none of the chosen parameters requires grad; nothing to train")
+        twice = [n for n, p in named if id(p) in seen]
+        if twice:
+            raise ArgumentError(f"parameters {twice} are in more than one param group; put each in one")
+        seen.update(id(p) for _, p in named)
+        out.append(({k: v for k, v in g.items() if k != "params"}, named))
+    return out
 
 
 def _on_grad(ref: weakref.ref):
@@ -277,7 +332,7 @@ def _on_grad(ref: weakref.ref):
 def _enabled(ref: weakref.ref):
     def fn() -> bool:
         opt = ref()
-        return opt is not None and opt._collect
+        return opt is not None and bool(opt._collecting)
     return fn
 
 

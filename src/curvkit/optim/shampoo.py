@@ -10,8 +10,10 @@ import torch
 
 from ..approx.matfun import inverse_root
 from ..errors import ArgumentError
-from ._base import check_betas, check_number, check_positive_int, state_dtype
-from ._kron import KronOptimizer, Staged, block_views, matrix_blocks, scatter, stack, state_blocks
+from ._base import Staged, check_betas, check_number, check_positive_int, refresh_due, renamed, state_dtype
+from ._kron import (KronOptimizer, block_views, ema_factors, matrix_blocks, put_blocks, scatter, stack,
+                    state_blocks)
+from ._moments import adam_denominator, adam_moments, bias_corrected
 
 
 class Shampoo(KronOptimizer):
@@ -22,7 +24,7 @@ class Shampoo(KronOptimizer):
     ``t`` and ``b1, b2 = betas``:
 
     - ``L = b2 L + (1-b2) G G^T``, ``R = b2 R + (1-b2) G^T G`` (every step);
-    - every ``update_each`` steps from ``start_preconditioning_step`` on, the roots
+    - every ``every`` steps from ``start_preconditioning_step`` on, the roots
       ``(L/(1-b2^t) + epsilon I)^(-1/4)`` and the same of ``R`` (``root_method`` "eigh" or
       "newton", :func:`curvkit.approx.matfun.inverse_root`);
     - ``m = b1 m + (1-b1) g``, direction ``D = L^(-1/4) (m/(1-b1^t)) R^(-1/4)`` per block;
@@ -32,8 +34,9 @@ class Shampoo(KronOptimizer):
     - ``p = p (1 - lr weight_decay) - lr D`` (decoupled weight decay).
 
     Before the first roots exist (steps ``< start_preconditioning_step``, default
-    ``update_each``), and always for 1-D parameters, the direction is Adam's.
-    Hyperparameters per param group; state in float32 for bf16/fp16 parameters. A NaN/inf in
+    ``every``), and always for 1-D parameters, the direction is Adam's.
+    Hyperparameters per param group (``update_each`` is the deprecated name of ``every``);
+    state in float32 for bf16/fp16 parameters. A NaN/inf in
     the gradient, a factor, a root or the update raises ``NonFiniteError`` with parameters and
     state unchanged (one host sync per step for that check).
 
@@ -42,7 +45,7 @@ class Shampoo(KronOptimizer):
     >>> _ = torch.manual_seed(0)
     >>> model = torch.nn.Linear(8, 3)
     >>> x = torch.randn(128, 8); y = x[:, :3].argmax(1)
-    >>> opt = Shampoo(model.parameters(), lr=0.05, update_each=5)
+    >>> opt = Shampoo(model.parameters(), lr=0.05, every=5)
     >>> losses = []
     >>> for _ in range(40):
     ...     opt.zero_grad()
@@ -52,7 +55,7 @@ class Shampoo(KronOptimizer):
     True
 
     Cost per step, per ``m x n`` block: two products for the factors (``2mn(m+n)`` flops) and two
-    for the direction (same); every ``update_each`` steps also one batched ``eigh`` of the
+    for the direction (same); every ``every`` steps also one batched ``eigh`` of the
     ``m x m`` and of the ``n x n`` factors (or ~``iters`` x 6 products with "newton"). Blocks of
     equal shape share every batched call. Extra memory: ``m^2 + n^2`` for the factors and as
     much for the roots, plus two parameter-sized moments.
@@ -67,66 +70,64 @@ class Shampoo(KronOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         epsilon: float = 1e-12,
         weight_decay: float = 0.0,
-        update_each: int = 10,
+        every: int = 10,
         start_preconditioning_step: int | None = None,
         block_size: int = 1024,
         graft: str = "adam",
         graft_eps: float = 1e-8,
         root_method: str = "eigh",
+        update_each: int | None = None,
     ):
-        check_number("lr", lr)
-        check_betas(betas)
-        check_number("epsilon", epsilon, strict=True)  # 0 would invert the zero eigenvalues of a rank-deficient factor
-        check_number("weight_decay", weight_decay)
-        check_number("graft_eps", graft_eps)
-        check_positive_int("update_each", update_each)
-        check_positive_int("block_size", block_size)
-        if start_preconditioning_step is None:
-            start_preconditioning_step = update_each
-        check_positive_int("start_preconditioning_step", start_preconditioning_step)
-        if graft not in ("adam", "none"):
-            raise ArgumentError(f"graft must be 'adam' (Adam's norm per block) or 'none', got {graft!r}")
-        if root_method not in ("eigh", "newton"):
-            raise ArgumentError(f"root_method must be 'eigh' or 'newton', got {root_method!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), epsilon=epsilon, weight_decay=weight_decay,
-                        update_each=update_each, start_preconditioning_step=start_preconditioning_step,
+        every = renamed("Shampoo", "every", every, 10, "update_each", update_each)
+        check_positive_int("every", every)
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, epsilon=epsilon,
+                        weight_decay=weight_decay, every=every,
+                        start_preconditioning_step=every if start_preconditioning_step is None
+                        else start_preconditioning_step,
                         block_size=block_size, graft=graft, graft_eps=graft_eps, root_method=root_method)
         super().__init__(params, defaults)
 
-    def _extra_state(self) -> dict:
-        return {"version": 1}
+    @staticmethod
+    def _check_group(g: dict) -> None:
+        check_number("lr", g["lr"])
+        check_betas(g["betas"])
+        check_number("epsilon", g["epsilon"], strict=True)  # 0 would invert the zero eigenvalues of a rank-deficient factor
+        check_number("weight_decay", g["weight_decay"])
+        check_number("graft_eps", g["graft_eps"])
+        check_positive_int("every", g["every"])
+        check_positive_int("block_size", g["block_size"])
+        check_positive_int("start_preconditioning_step", g["start_preconditioning_step"])
+        if g["graft"] not in ("adam", "none"):
+            raise ArgumentError(f"graft must be 'adam' (Adam's norm per block) or 'none', got {g['graft']!r}")
+        if g["root_method"] not in ("eigh", "newton"):
+            raise ArgumentError(f"root_method must be 'eigh' or 'newton', got {g['root_method']!r}")
 
-    def _prepare(self, group: dict) -> Staged:
-        """Everything new of one group, out of place (written by ``Staged.commit``)."""
+    def _prepare(self, group: dict, new: Staged) -> None:
+        """Everything new of one group, staged in ``new`` (written by the protocol's commit)."""
         params = [p for p in group["params"] if p.grad is not None]
-        b1, b2 = group["betas"]
-        bs, start, every = group["block_size"], group["start_preconditioning_step"], group["update_each"]
-        self._init_state(params, bs)
-        new = Staged(group["lr"], group["weight_decay"])
         if not params:
-            return new
-        states = [self.state[p] for p in params]
+            return
+        b1, b2 = group["betas"]
+        bs, start, every = group["block_size"], group["start_preconditioning_step"], group["every"]
+        states = self._init_state(params, bs, new)
         ts = [st["step"] + 1 for st in states]
         g = [p.grad.to(state_dtype(p)) for p in params]
         m_old, v_old = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
-        m_new = torch._foreach_lerp(m_old, g, 1 - b1)
-        v_new = torch._foreach_lerp(v_old, torch._foreach_mul(g, g), 1 - b2)
+        m_new, v_new = adam_moments(g, m_old, v_old, b1, b2)
         new.replace([*m_old, *v_old], [*m_new, *v_new])
-        denom = torch._foreach_sqrt(torch._foreach_div(v_new, [1 - b2**t for t in ts]))
-        torch._foreach_add_(denom, group["graft_eps"])
-        adam = torch._foreach_div(torch._foreach_div(m_new, [1 - b1**t for t in ts]), denom)
+        adam = torch._foreach_div(bias_corrected(m_new, ts, b1), adam_denominator(v_new, ts, b2, group["graft_eps"]))
         dirs = dict(enumerate(adam))  # matrix blocks replace theirs once they have roots
 
         bufs, buckets = matrix_blocks(params, g, bs, phase=lambda i: ts[i])
         for (_, t, _, _), bucket in buckets.items():
-            L, R = new.ema_factors(states, bucket, stack(block_views(g, bucket)), b2)
+            L, R = ema_factors(new, states, bucket, stack(block_views(g, bucket)), b2)
             if t < start:
                 continue
-            if (t - start) % every == 0 or any(f"Lroot{j}" not in states[i] for i, j, _ in bucket):
+            if refresh_due(t, every, start) or any(f"Lroot{j}" not in states[i] for i, j, _ in bucket):
                 c = 1 - b2**t
                 Lr, Rr = (inverse_root(F / c, 4, group["epsilon"], group["root_method"]).to(F.dtype) for F in (L, R))
-                new.put(states, bucket, "Lroot", Lr)
-                new.put(states, bucket, "Rroot", Rr)
+                put_blocks(new, states, bucket, "Lroot", Lr)
+                put_blocks(new, states, bucket, "Rroot", Rr)
             else:
                 Lr, Rr = stack(state_blocks(states, bucket, "Lroot")), stack(state_blocks(states, bucket, "Rroot"))
             D = torch.bmm(torch.bmm(Lr, stack(block_views(m_new, bucket))), Rr)
@@ -138,6 +139,5 @@ class Shampoo(KronOptimizer):
                 D = D / (1 - b1**t)  # the bias-corrected momentum
             scatter(D, bucket, params, bufs, dirs)
         for st, t in zip(states, ts):
-            new.count(st, t)
-        new.update(params, dirs)
-        return new
+            new.put(st, "step", t)
+        new.move([params[i] for i in dirs], list(dirs.values()), lr=group["lr"], weight_decay=group["weight_decay"])

@@ -10,8 +10,11 @@ from torch import Tensor
 
 from ..approx.matfun import sym_eigh
 from ..errors import ArgumentError
-from ._base import check_betas, check_number, check_positive_int, state_dtype
-from ._kron import KronOptimizer, Staged, block_views, matrix_blocks, matrix_shape, scatter, stack, state_blocks
+from ..model.layers import matrix_shape
+from ._base import Staged, check_betas, check_number, check_positive_int, refresh_due, renamed, state_dtype
+from ._kron import (KronOptimizer, block_views, ema_factors, matrix_blocks, put_blocks, scatter, stack,
+                    state_blocks)
+from ._moments import adam_denominator, adam_moments
 
 
 def _eigenbasis(F: Tensor) -> Tensor:
@@ -45,12 +48,13 @@ class SOAP(KronOptimizer):
       ``p = (p - lr sqrt(1-b2^t)/(1-b1^t) QL (m / (sqrt(v) + eps)) QR^T) (1 - lr weight_decay)``;
       then ``L, R`` take the EMA with ``G`` (after the update, so the current gradient never
       enters its own projection);
-    - every ``update_each`` steps (``t % update_each == 0``) the basis is refreshed, by default
+    - every ``every`` steps (``t % every == 0``) the basis is refreshed, by default
       as the reference does (``refresh="qr"``: columns sorted by ``diag(Q^T L Q)``, ``v``
       permuted alike, one power iteration ``Q = qr(L Q)``), or by a fresh ``eigh``
       (``refresh="eigh"``); ``m`` is rotated into the new basis, ``v`` is not (as the reference).
 
     1-D parameters get plain Adam with the same formula (identity basis) from the first step.
+    ``update_each`` is the deprecated name of ``every``.
     Differences from the reference: a conv kernel has two factors, not one per tensor dimension;
     a dimension longer than ``block_size`` is blocked (the reference leaves it unrotated);
     ``m`` is rotated only when the basis changes (the reference rotates it back and forth every
@@ -61,19 +65,19 @@ class SOAP(KronOptimizer):
     >>> import torch
     >>> from curvkit.optim import SOAP
     >>> _ = torch.manual_seed(0)
-    >>> model = torch.nn.Linear(8, 3)
-    >>> x = torch.randn(128, 8); y = x[:, :3].argmax(1)
-    >>> opt = SOAP(model.parameters(), lr=0.05, update_each=5)
-    >>> losses = []
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    >>> inputs = torch.randn(128, 8); labels = inputs[:, :3].argmax(1)
+    >>> def loss_now():
+    ...     return torch.nn.functional.cross_entropy(net(inputs), labels)
+    >>> opt = SOAP(net.parameters(), lr=0.03, every=5)
+    >>> start = loss_now().item()
     >>> for _ in range(40):
-    ...     opt.zero_grad()
-    ...     loss = torch.nn.functional.cross_entropy(model(x), y); loss.backward(); opt.step()
-    ...     losses.append(loss.item())
-    >>> bool(losses[-1] < losses[0] / 2)
+    ...     opt.zero_grad(); loss_now().backward(); opt.step()
+    >>> bool(loss_now().item() < start / 2)
     True
 
     Cost per step, per ``m x n`` block: two products for the factors (``2mn(m+n)`` flops), four
-    for the rotations into and out of the basis (same); every ``update_each`` steps also two
+    for the rotations into and out of the basis (same); every ``every`` steps also two
     products and a QR per factor, plus four products to rotate ``m``; one ``eigh`` per factor on
     the first step only. Blocks of equal shape share every batched call. Extra memory: ``2(m^2 +
     n^2)`` (factors and bases) plus two parameter-sized moments.
@@ -89,39 +93,40 @@ class SOAP(KronOptimizer):
         shampoo_beta: float = -1.0,
         eps: float = 1e-8,
         weight_decay: float = 0.01,
-        update_each: int = 10,
+        every: int = 10,
         block_size: int = 10000,
         refresh: str = "qr",
+        update_each: int | None = None,
     ):
-        check_number("lr", lr)
-        check_betas(betas)
-        if not (isinstance(shampoo_beta, (int, float)) and not isinstance(shampoo_beta, bool)
-                and shampoo_beta < 1):
-            raise ArgumentError(f"shampoo_beta must be a number < 1 (negative: use betas[1]), got {shampoo_beta!r}")
-        check_number("eps", eps)
-        check_number("weight_decay", weight_decay)
-        check_positive_int("update_each", update_each)
-        check_positive_int("block_size", block_size)
-        if refresh not in ("qr", "eigh"):
-            raise ArgumentError(f"refresh must be 'qr' (one power iteration, the reference) or 'eigh', got {refresh!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
-                        update_each=update_each, block_size=block_size, refresh=refresh)
+        every = renamed("SOAP", "every", every, 10, "update_each", update_each)
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
+                        shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay, every=every,
+                        block_size=block_size, refresh=refresh)
         super().__init__(params, defaults)
 
-    def _extra_state(self) -> dict:
-        return {"version": 1}
+    @staticmethod
+    def _check_group(g: dict) -> None:
+        check_number("lr", g["lr"])
+        check_betas(g["betas"])
+        sb = g["shampoo_beta"]
+        if not (isinstance(sb, (int, float)) and not isinstance(sb, bool) and sb < 1):
+            raise ArgumentError(f"shampoo_beta must be a number < 1 (negative: use betas[1]), got {sb!r}")
+        check_number("eps", g["eps"])
+        check_number("weight_decay", g["weight_decay"])
+        check_positive_int("every", g["every"])
+        check_positive_int("block_size", g["block_size"])
+        if g["refresh"] not in ("qr", "eigh"):
+            raise ArgumentError(f"refresh must be 'qr' (one power iteration, the reference) or 'eigh', "
+                                f"got {g['refresh']!r}")
 
-    def _prepare(self, group: dict) -> Staged:
-        """Everything new of one group, out of place (written by ``Staged.commit``)."""
+    def _prepare(self, group: dict, new: Staged) -> None:
+        """Everything new of one group, staged in ``new`` (written by the protocol's commit)."""
         params = [p for p in group["params"] if p.grad is not None]
         b1, b2 = group["betas"]
         sb = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else b2
         bs, eps = group["block_size"], group["eps"]
-        self._init_state(params, bs)
-        states = [self.state[p] for p in params]
+        states = self._init_state(params, bs, new)
         g = [p.grad.to(state_dtype(p)) for p in params]
-        # the reference's order: the step, then decoupled weight decay on the result
-        new = Staged(group["lr"], group["weight_decay"], decay_first=False)
         dirs: dict = {}
 
         # 1-D parameters: Adam, foreach over all of them
@@ -129,15 +134,14 @@ class SOAP(KronOptimizer):
         if vec:
             ts = [states[i]["step"] + 1 for i in vec]
             m_old, v_old = [states[i]["exp_avg"] for i in vec], [states[i]["exp_avg_sq"] for i in vec]
-            gv = [g[i] for i in vec]
-            m_new = torch._foreach_lerp(m_old, gv, 1 - b1)
-            v_new = torch._foreach_lerp(v_old, torch._foreach_mul(gv, gv), 1 - b2)
+            m_new, v_new = adam_moments([g[i] for i in vec], m_old, v_old, b1, b2)
             new.replace([*m_old, *v_old], [*m_new, *v_new])
-            denom = torch._foreach_add(torch._foreach_sqrt(v_new), eps)
-            d = torch._foreach_mul(torch._foreach_div(m_new, denom), [(1 - b2**t) ** 0.5 / (1 - b1**t) for t in ts])
+            # the reference's bias correction: eps is added to sqrt(v) before sqrt(1 - b2^t) scales it
+            d = torch._foreach_mul(torch._foreach_div(m_new, adam_denominator(v_new, None, b2, eps)),
+                                   [(1 - b2**t) ** 0.5 / (1 - b1**t) for t in ts])
             dirs.update(zip(vec, d))
             for i, t in zip(vec, ts):
-                new.count(states[i], t)
+                new.put(states[i], "step", t)
 
         # matrix blocks; phase "init" (first sight: factors and eigenbases only, no step) or the step t
         phase = lambda i: "init" if "QL0" not in states[i] else states[i]["step"] + 1  # noqa: E731
@@ -146,19 +150,19 @@ class SOAP(KronOptimizer):
         stepped = {}
         for (_, t, _, _), bucket in buckets.items():
             G = stack(block_views(g, bucket))
-            L, R = new.ema_factors(states, bucket, G, sb)
+            L, R = ema_factors(new, states, bucket, G, sb)
             if t == "init":
-                new.put(states, bucket, "QL", _eigenbasis(L))
-                new.put(states, bucket, "QR", _eigenbasis(R))
+                put_blocks(new, states, bucket, "QL", _eigenbasis(L))
+                put_blocks(new, states, bucket, "QR", _eigenbasis(R))
                 continue
             QL, QR = stack(state_blocks(states, bucket, "QL")), stack(state_blocks(states, bucket, "QR"))
             Gp = QL.transpose(-1, -2) @ G @ QR
             m_old, v_old = block_views(ea, bucket), block_views(sq, bucket)
-            m = torch.lerp(stack(m_old), Gp, 1 - b1)
-            v = torch.lerp(stack(v_old), Gp * Gp, 1 - b2)
-            D = QL @ (m / (v.sqrt() + eps)) @ QR.transpose(-1, -2)
+            (m,), (v,) = adam_moments([Gp], [stack(m_old)], [stack(v_old)], b1, b2)
+            (denom,) = adam_denominator([v], None, b2, eps)
+            D = QL @ (m / denom) @ QR.transpose(-1, -2)
             D = D * ((1 - b2**t) ** 0.5 / (1 - b1**t))
-            if t % group["update_each"] == 0:
+            if refresh_due(t, group["every"]):  # t >= 1
                 E = QL @ m @ QR.transpose(-1, -2)  # m back in the original basis
                 if group["refresh"] == "qr":
                     QL, v = _power_qr(L, QL, v, -2)
@@ -172,7 +176,7 @@ class SOAP(KronOptimizer):
             scatter(D, bucket, params, bufs, dirs)
             stepped.update((i, t) for i, _, _ in bucket)
         for i, t in stepped.items():
-            new.count(states[i], t)
-        new.update(params, dirs)
-        return new
-
+            new.put(states[i], "step", t)
+        # the reference's order: the step, then decoupled weight decay on the result
+        new.move([params[i] for i in dirs], list(dirs.values()), lr=group["lr"], weight_decay=group["weight_decay"],
+                 decay_first=False)

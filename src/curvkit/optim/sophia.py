@@ -8,9 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ArgumentError
-from ._base import state_dtype, use_foreach
+from ..errors import ArgumentError, LossError
+from ..model.losses import LossSpec
+from ._base import renamed, state_dtype
 from ._diag import DiagonalOptimizer, check_hyper
+from ._moments import decoupled_update, ema_, tensor_batches
 
 
 def sophia_update(
@@ -28,57 +30,50 @@ def sophia_update(
     weight_decay: float,
     foreach: bool | None = None,
 ) -> None:
-    r"""The functional Sophia update, in place on ``params`` and the state lists.
+    r"""Sophia's step as a function: ``params``, ``exp_avgs`` and ``hessians`` are updated in place.
 
     ``m = b1 m + (1 - b1) g``; when ``diags`` is given (a refresh step) ``h = b2 h + (1 - b2) d``;
     then ``p = p * (1 - lr * weight_decay) - lr * clip(m / max(gamma * h, eps), -1, 1)``.
     Weight decay is decoupled. State and arithmetic in ``state_dtype`` (float32 for bf16), the
     result written back in the parameter's dtype. ``foreach`` (default: on CUDA) runs the update
-    as a few multi-tensor kernels instead of several per parameter. Cost: no products (the
-    diagonal is given).
+    as a few multi-tensor kernels rather than a few per parameter (the same arithmetic). Cost:
+    no products (the diagonal is given).
     """
-    if use_foreach(foreach, params, exp_avgs, hessians):
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    for idx in tensor_batches(foreach, params, exp_avgs, hessians):
+        m, h = [exp_avgs[i] for i in idx], [hessians[i] for i in idx]
+        ema_(m, [grads[i].to(m[k].dtype) for k, i in enumerate(idx)], beta1)
         if diags is not None:
-            torch._foreach_mul_(hessians, beta2)
-            torch._foreach_add_(hessians, diags, alpha=1 - beta2)
-        denom = torch._foreach_mul(hessians, gamma)
+            ema_(h, [diags[i] for i in idx], beta2)
+        denom = torch._foreach_mul(h, gamma)
         torch._foreach_clamp_min_(denom, eps)
-        ratio = torch._foreach_div(exp_avgs, denom)
+        ratio = torch._foreach_div(m, denom)
         torch._foreach_clamp_min_(ratio, -1.0)
         torch._foreach_clamp_max_(ratio, 1.0)
-        if weight_decay:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
-        torch._foreach_add_(params, ratio, alpha=-lr)
-        return
-    for i, p in enumerate(params):
-        x = p.to(exp_avgs[i].dtype)
-        exp_avgs[i].mul_(beta1).add_(grads[i].to(x.dtype), alpha=1 - beta1)
-        if diags is not None:
-            hessians[i].mul_(beta2).add_(diags[i], alpha=1 - beta2)
-        ratio = (exp_avgs[i] / (gamma * hessians[i]).clamp_min(eps)).clamp(-1.0, 1.0)
-        p.copy_(x * (1 - lr * weight_decay) - lr * ratio)
+        decoupled_update([params[i] for i in idx], ratio, lr, weight_decay)
 
 
 class Sophia(DiagonalOptimizer):
     r"""Sophia (Liu et al., ICLR 2024) as a ``torch.optim.Optimizer``.
 
     Update ``clip(m / max(gamma * h, eps), 1)`` with ``m`` the gradient EMA and ``h`` the EMA of
-    a Hessian-diagonal estimate refreshed every ``update_each`` steps (unchanged in between),
-    and decoupled weight decay. Two estimators:
+    a Hessian-diagonal estimate refreshed every ``every`` steps (unchanged in between; the
+    deprecated name ``update_each`` still works), and decoupled weight decay. Two estimators
+    (``estimator``, per param group):
 
-    - ``estimator="hutchinson"`` (Sophia-H): ``z * (H z)`` with a Rademacher ``z``, the same
-      samples as ``ck.diagonal``. The closure returns the loss.
-    - ``estimator="gnb"`` (Sophia-G, Gauss-Newton-Bartlett): the closure returns
-      ``(loss, logits)``, ``logits`` of shape ``(..., num_classes)`` from the same forward pass.
-      On refresh steps the optimizer samples labels from ``softmax(logits)`` with its own seeded
-      generator, takes the gradient ``g_hat`` of the mean cross-entropy against them and uses
-      ``B * g_hat**2`` (``B`` = number of logit rows). It assumes the loss is a classification
-      loss on those logits (cross-entropy, language modelling).
+    - ``"hutchinson"`` (Sophia-H): ``z * (H z)`` with a Rademacher ``z``, the same samples as
+      ``ck.diagonal``. Drive it as AdaHessian: torch's loop with
+      ``loss.backward(create_graph=True); opt.step()``, or ``opt.step(closure)`` with a closure
+      that returns the loss without calling ``backward``.
+    - ``"gnb"`` (Sophia-G, Gauss-Newton-Bartlett): the closure returns ``(loss, outputs)``, the
+      model's outputs from the same forward pass. On refresh steps the optimizer samples targets
+      from the likelihood of ``loss`` (a torch loss module or a ``curvkit.model`` spec; default
+      cross-entropy over the last dimension of ``outputs``) with its own seeded CPU generator,
+      takes the gradient ``g_hat`` of ``loss(outputs, sampled)`` and uses ``terms * g_hat**2``
+      (:func:`curvkit.optim._diag.gnb_diagonal`), an unbiased estimate of the Gauss-Newton
+      diagonal. A loss without a likelihood (an arbitrary function) is refused.
 
-    For either, a closure may return ``(loss, logits)`` (the Hutchinson estimator ignores the
-    logits), so one closure serves both. Do NOT call ``backward`` in the closure.
+    Either accepts a closure returning ``(loss, outputs)`` (Sophia-H ignores the outputs), so
+    one closure serves both. ``loss`` is not saved in the state_dict: pass it again, as the model.
 
     >>> import torch
     >>> from curvkit.optim import Sophia
@@ -89,16 +84,16 @@ class Sophia(DiagonalOptimizer):
     >>> def closure():
     ...     logits = model(x)
     ...     return torch.nn.functional.cross_entropy(logits, y), logits
-    >>> opt = Sophia(model.parameters(), lr=0.05, estimator="gnb", update_each=5, seed=0)
+    >>> opt = Sophia(model.parameters(), lr=0.05, estimator="gnb", every=5, seed=0)
     >>> first = opt.step(closure)
     >>> for _ in range(40):
     ...     loss = opt.step(closure)
     >>> bool(loss < first / 2)
     True
 
-    Cost per step: one forward and one backward pass; every ``update_each`` steps also one
+    Cost per step: one forward and one backward pass; every ``every`` steps also one
     Hessian-vector product (Hutchinson: a double backward, about 2 gradients) or one extra
-    backward pass (GNB). With the default ``update_each=10`` about 1.1-1.2x an AdamW step.
+    backward pass (GNB). With the default ``every=10`` about 1.1-1.2x an AdamW step.
     """
 
     def __init__(
@@ -109,23 +104,31 @@ class Sophia(DiagonalOptimizer):
         gamma: float = 0.01,
         eps: float = 1e-12,
         weight_decay: float = 0.1,
-        update_each: int = 10,
+        every: int = 10,
         estimator: str = "hutchinson",
-        seed: int | None = 0,
+        seed: int | torch.Generator | None = 0,
         foreach: bool | None = None,
+        loss: Any = None,
+        update_each: int | None = None,
     ):
-        check_hyper(lr, betas, eps, weight_decay, update_each)
-        if not isinstance(gamma, (int, float)) or not 0.0 < gamma < float("inf"):
-            raise ArgumentError(f"gamma must be a finite number > 0 (the paper uses 0.01-0.05), got {gamma!r}")
-        if estimator not in ("hutchinson", "gnb"):
-            raise ArgumentError(f"estimator must be 'hutchinson' (Sophia-H) or 'gnb' (Sophia-G), got {estimator!r}")
-        self.estimator = estimator
-        defaults = dict(lr=lr, betas=tuple(betas), gamma=gamma, eps=eps, weight_decay=weight_decay,
-                        update_each=update_each, foreach=foreach)
-        super().__init__(params, defaults, seed)
+        every = renamed("Sophia", "every", every, 10, "update_each", update_each)
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, gamma=gamma,
+                        eps=eps, weight_decay=weight_decay, every=every, estimator=estimator, foreach=foreach)
+        super().__init__(params, defaults, seed, loss)
+        if any(g["estimator"] == "gnb" for g in self.param_groups):
+            _needs_likelihood(self.loss_spec)
 
-    def _estimator(self) -> str:
-        return self.estimator
+    @staticmethod
+    def _check_group(g: dict) -> None:
+        check_hyper(g)
+        gamma = g["gamma"]
+        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not 0.0 < gamma < float("inf"):
+            raise ArgumentError(f"gamma must be a finite number > 0 (the paper uses 0.01-0.05), got {gamma!r}")
+        if g["estimator"] not in ("hutchinson", "gnb"):
+            raise ArgumentError(f"estimator must be 'hutchinson' (Sophia-H) or 'gnb' (Sophia-G), got {g['estimator']!r}")
+
+    def _estimator(self, group: dict) -> str:
+        return group["estimator"]
 
     def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor], diags: list[Tensor] | None) -> None:
         for p in params:
@@ -140,5 +143,21 @@ class Sophia(DiagonalOptimizer):
             params, grads, diags,
             [self.state[p]["exp_avg"] for p in params], [self.state[p]["hessian"] for p in params],
             lr=group["lr"], beta1=b1, beta2=b2, gamma=group["gamma"], eps=group["eps"],
-            weight_decay=group["weight_decay"], foreach=group.get("foreach"),
+            weight_decay=group["weight_decay"], foreach=group["foreach"],
         )
+
+
+def _needs_likelihood(spec: LossSpec) -> None:
+    """Sophia-G samples targets from the loss's likelihood: a loss without one is refused with the
+    spec's own error (what it knows and what to use instead), plus what to do here."""
+    if spec.has_likelihood:
+        return
+    try:
+        spec.sample(torch.zeros(1, 1), torch.Generator())
+    except LossError as e:
+        e.add_note("Sophia(estimator='gnb') needs such a loss (pass it as loss=); otherwise use "
+                   "estimator='hutchinson'")
+        raise
+    raise LossError(f"Sophia(estimator='gnb') needs a loss with a likelihood to sample targets from; "
+                    f"{spec.describe()} has none: pass loss= a CrossEntropy, NLL, MSE or BCEWithLogits "
+                    "(module or spec), or use estimator='hutchinson'")
