@@ -93,6 +93,12 @@ def test_torchrun_writes_one_report_on_rank_0(default_run, tmp_path):
     (lam, res), (lam1, res1) = ((d["hessian"]["values"][0], d["hessian"]["residuals"][0]) for d in (doc, ref))
     # a Ritz value is within its residual norm of an eigenvalue: both of the same top one
     assert abs(lam - lam1) <= res + res1, (lam, res, lam1, res1)
+    # the counts and the training accuracy are over every rank's shard, not rank 0's
+    assert doc["data"]["ranks"] == 2 and ref["data"]["ranks"] == 1
+    for key in ("examples", "batches", "heldout_examples"):
+        assert doc["data"][key] == ref["data"][key], key
+    assert doc["accuracy"]["data"] == pytest.approx(ref["accuracy"]["data"], abs=1e-12)
+    assert doc["loss"]["data"] == pytest.approx(ref["loss"]["data"], rel=1e-5)
 
 
 USER_MODULE = """

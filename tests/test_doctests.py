@@ -14,6 +14,8 @@ DOCUMENTED = [
     "curvkit.operators.hessian", "curvkit.operators.ggn", "curvkit.operators.fisher", "curvkit.approx.kfac",
     "curvkit.linalg.lanczos", "curvkit.linalg.trace", "curvkit.linalg.diagonal", "curvkit.linalg.density",
     "curvkit.linalg.cg", "curvkit.linalg.power", "curvkit.model.per_example", "curvkit.linear_operator",
+    "curvkit.optim.adahessian", "curvkit.optim.sophia", "curvkit.optim.kfac", "curvkit.optim.shampoo",
+    "curvkit.optim.soap", "curvkit.optim.muon",
 ]
 
 

@@ -84,3 +84,22 @@ def test_loss_and_gradient_with_max_batch(case):
     cut = Risk(model, loss_fn, batches, max_batch=2).loss_and_gradient()
     assert cut[0] == pytest.approx(whole[0], rel=1e-12)
     assert_close(cut[1], whole[1])
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_batch_without_terms_counts_nothing(first):
+    """Regression: a "mean" batch whose targets are all ignore_index is 0/0 in torch (a NaN loss);
+    it has no terms, so it adds nothing, on the first batch (the check of the loss) or later."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 4, (6,))
+    y[:3] = -100
+    data = [(x[:3], y[:3]), (x[3:], y[3:])] if first else [(x[3:], y[3:]), (x[:3], y[:3])]
+    CE = nn.CrossEntropyLoss()
+    for make in (ck.hessian, ck.ggn, ck.fisher, ck.kfac):
+        assert_close(make(model, CE, data).dense(), make(model, CE, [(x, y)]).dense(), tol=1e-12)
+    H, H1 = ck.hessian(model, CE, data), ck.hessian(model, CE, [(x, y)])
+    (l, g), (l1, g1) = H.loss_and_gradient(), H1.loss_and_gradient()
+    assert l == pytest.approx(l1, rel=1e-12) and torch.allclose(g, g1, atol=1e-14)
+    with pytest.raises(LossError, match="no terms"):
+        ck.hessian(model, CE, [(x[:3], y[:3])]) @ torch.ones(16, dtype=torch.float64)

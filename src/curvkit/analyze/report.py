@@ -166,7 +166,7 @@ def analyze(
                 raise ArgumentError(f"k={k} must be below the number of analysed parameters ({n}); lower --k")
 
             with step("loss and gradient") as rec:
-                loss, acc, grad, num_classes = _loss_and_gradient(H)
+                loss, acc, grad, num_classes, examples, n_batches = _loss_and_gradient(H)
                 rec["passes"] = 1
             held = {"loss": None, "accuracy": None, "examples": 0}
             if heldout is not None:
@@ -222,7 +222,8 @@ def analyze(
         settings=sets,
         model={"description": description or type(model).__name__, "parameters": n_total, "analysed_parameters": n,
                "num_classes": num_classes},
-        data={"examples": H.num_data, "batches": len(H.data.sizes), "batch_sizes": list(H.data.sizes),
+        data={"examples": examples, "batches": n_batches, "batch_sizes": list(H.data.sizes),
+              "ranks": H.risk.world,
               "input_shape": list(first_x.shape[1:]) if isinstance(first_x, Tensor) else None,
               "heldout_examples": held["examples"]},
         loss={"data": loss, "heldout": held["loss"]},
@@ -270,21 +271,38 @@ def _is_classification(out: Any, y: Tensor) -> bool:
             and not y.is_floating_point())
 
 
-def _loss_and_gradient(H) -> tuple[float, float | None, Tensor, int | None]:
+def _loss_and_gradient(H) -> tuple[float, float | None, Tensor, int | None, int, int]:
     """Loss, accuracy and flat gradient of the loss over H's data, weighted as H weights its
-    batches (``H.loss_and_gradient``): one forward and backward pass."""
-    seen = {"correct": 0, "classes": None, "cls": True}
+    batches, with the number of examples and of batches: one forward and backward pass of the one
+    data loop (:class:`curvkit.model.Risk`), so under torch.distributed all of them are over
+    every rank's data."""
+    risk = H.risk
+    f = risk.function()
+    seen = {"classes": None, "cls": True, "keys": set()}
 
-    def count(out: Any, y: Tensor) -> None:
+    def batch(x: Any, y: Tensor, key: int):
+        with torch.enable_grad():
+            params = {n: p.requires_grad_(True) for n, p in risk.space.detached().items()}
+            out = f(params, x)
+            value = risk.loss(out, y)
+            g = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+        w = risk.weight(out, y)
+        flat = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
+                          for gi, p in zip(g, params.values())])
         seen["cls"] = seen["cls"] and _is_classification(out, y)
+        hits = torch.zeros((), dtype=flat.dtype, device=flat.device)
         if seen["cls"]:
-            seen["correct"] += int((out.argmax(1) == y).sum())
+            hits = (out.argmax(1) == y).sum().to(flat.dtype)
             seen["classes"] = int(out.shape[1])
+        first = key not in seen["keys"]  # the pieces of a batch (max_batch) share its key: count it once
+        seen["keys"].add(key)
+        one = torch.full((1,), float(first), dtype=flat.dtype, device=flat.device)
+        return [flat * w, hits.reshape(1), one], value.detach(), w
 
-    loss, grad = H.loss_and_gradient(on_batch=count)
-    if seen["cls"]:
-        return loss, seen["correct"] / H.num_data, grad, seen["classes"]
-    return loss, None, grad, None
+    totals = risk.accumulate(batch, what="gradient")
+    grad, hits, batches = totals.mean(totals.sums[0]), float(totals.sums[1]), int(float(totals.sums[2]))
+    acc = hits / totals.examples if seen["cls"] else None
+    return totals.loss, acc, grad, seen["classes"] if seen["cls"] else None, totals.examples, batches
 
 
 def _evaluate(H, data: Any) -> dict:

@@ -122,9 +122,10 @@ class LossSpec:
     def sample(self, out: Tensor, gen: torch.Generator) -> Tensor:
         """Targets drawn from the model's predictive distribution at ``out``."""
         raise LossError(
-            f"the Monte-Carlo Fisher samples targets from the model's predictive distribution, which "
-            f"curvkit does not know for {self.describe()}: it knows it for CrossEntropyLoss, NLLLoss, "
-            "MSELoss and BCEWithLogitsLoss; use kind='empirical' or ck.ggn for this loss"
+            f"sampling targets from the model's predictive distribution (the Monte-Carlo Fisher, K-FAC's "
+            f"'mc' kind, Sophia-G) needs a likelihood, which curvkit does not know for {self.describe()}: it "
+            "knows it for CrossEntropyLoss, NLLLoss, MSELoss and BCEWithLogitsLoss; use kind='empirical' "
+            "or ck.ggn for this loss (Sophia: estimator='hutchinson')"
         )
 
     def sampled_residuals(self, out: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:

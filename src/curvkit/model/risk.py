@@ -120,8 +120,13 @@ class Risk:
             refuse_active_dropout(model)
         self.batches = data if isinstance(data, Batches) else Batches(data)
         if spec is None:
-            out, y = self._validate()
+            out, y, loss = self._validate()
             spec = loss_spec(loss_fn, out, y, reduction)
+            empty = spec.reduction == "mean" and isinstance(out, Tensor) and float(spec.weight(out, y)) == 0
+            if not math.isfinite(float(loss)) and not empty:  # a batch without terms is 0/0, and counts 0
+                raise NonFiniteError(
+                    f"the loss is {float(loss)} on batch 0; check the inputs and the model's parameters for NaN/inf"
+                )
         self.spec = spec
         self.reduction = spec.reduction
 
@@ -215,11 +220,16 @@ class Risk:
                 for i, x, y in self.pieces():
                     # the batch's place in the round-robin order over ranks
                     parts, loss, w = self._fit(fn, x, y, i * world + rank, i)
+                    loss = loss.detach().reshape(()).to(torch.float64)
+                    if isinstance(w, Tensor):  # a batch without terms (all ignore_index): its mean is 0/0,
+                        empty = w == 0  # and what it weighs by its terms is NaN * 0; it counts nothing
+                        parts = [torch.where(empty & ~torch.isfinite(p), torch.zeros_like(p), p) for p in parts]
+                        loss = torch.where(empty, torch.zeros_like(loss), loss)
                     sums = [p.clone() for p in parts] if sums is None else [s.add_(p) for s, p in zip(sums, parts)]
                     weight = weight + w
                     examples += int(y.shape[0])
-                    losses.append(loss.detach().reshape(()).to(torch.float64))
-                    weighted.append(losses[-1] * w)
+                    losses.append(loss)
+                    weighted.append(loss * w)
                     where.append(i)
         except Exception as e:
             # the other ranks are (or will be) in the all-reduce: join it to tell them, which needs
@@ -325,9 +335,9 @@ class Risk:
         return totals.loss, totals.mean(totals.sums[0])
 
     # checks -----------------------------------------------------------------------------
-    def _validate(self) -> tuple[Any, Tensor]:
-        """One forward on the first batch: the loss must be a finite scalar tensor. Returns that
-        batch's (detached) outputs and targets."""
+    def _validate(self) -> tuple[Any, Tensor, Tensor]:
+        """One forward on the first batch: the loss must be a scalar tensor. Returns that batch's
+        (detached) outputs, targets and loss (whose finiteness the caller checks, knowing the terms)."""
         x, y = self.batches.first()
         dev = self.space.device
         for t in tensors_of(x) + [y]:
@@ -362,11 +372,7 @@ class Risk:
                 f"loss_fn returned a tensor of shape {tuple(loss.shape)}; it must return a scalar "
                 "(use reduction='mean' or 'sum', or .mean() the per-example losses)"
             )
-        if not math.isfinite(float(loss)):
-            raise NonFiniteError(
-                f"the loss is {float(loss)} on batch 0; check the inputs and the model's parameters for NaN/inf"
-            )
-        return out, y
+        return out, y, loss
 
     # distributed ------------------------------------------------------------------------
     @property
