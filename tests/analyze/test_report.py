@@ -166,3 +166,32 @@ def test_heldout_loss_is_weighted_like_the_operators():
                         density_iterations=5, progress=False)
     assert report.loss["heldout"] == pytest.approx(ref, rel=1e-6)
     assert report.data["heldout_examples"] == 15
+
+
+@pytest.mark.parametrize("probes", [12, 30])
+def test_trace_of_a_model_with_frozen_layers_and_buffers_is_within_its_error_bar(probes):
+    """Regression: with frozen layers and BatchNorm buffers the report's trace was 5+ of its own
+    standard errors off at few probes (Hutch++'s error bar from 4 samples). The analysed
+    parameters are the trainable ones; the trace must be within 4 stderr of the dense one, and the
+    per-layer traces must cover exactly those parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(48, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():  # running statistics that are not the identity
+        model.train()
+        model(torch.randn(64, 1, 4, 4, dtype=torch.float64))
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(20, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (20,), generator=g))
+            for _ in range(2)]
+    H = ck.hessian(model, nn.CrossEntropyLoss(), data)
+    exact = float(torch.trace(H.dense()))
+    report = ck.analyze(model, nn.CrossEntropyLoss(), data, k=3, probes=probes, density_probes=2,
+                        density_iterations=10, progress=False)
+    tr = report.trace
+    assert tr["samples"] >= 10 and abs(tr["value"] - exact) < 4 * tr["stderr"], (tr, exact)
+    names = [row["name"] for row in report.layers]
+    assert names == ["1", "4", "6"]  # the frozen conv is not analysed; BatchNorm's affine parameters are
+    assert sum(row["parameters"] for row in report.layers) == H.shape[0]
