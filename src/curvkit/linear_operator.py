@@ -37,6 +37,9 @@ from torch import Tensor
 from .errors import ArgumentError, ShapeError, TooLargeError
 
 
+_HALF = (torch.float16, torch.bfloat16)  # operators of these dtypes also take float32 vectors
+
+
 def same_device(a: torch.device | str, b: torch.device | str) -> bool:
     """Whether two device specs name one device: ``"cuda"`` is ``"cuda:0"`` when 0 is current."""
     a, b = torch.device(a), torch.device(b)
@@ -91,7 +94,7 @@ class LinearOperator:
                 f"expected a vector of shape ({n},) or a block ({n}, k), got {tuple(v.shape)}; "
                 "vectors are flat over the operator's parameters (see .split / .flatten)"
             )
-        if v.dtype != self.dtype:
+        if v.dtype != self.dtype and not (self.dtype in _HALF and v.dtype == torch.float32):
             raise ShapeError(f"vector dtype {v.dtype} does not match the operator's {self.dtype}; use v.to({self.dtype})")
         if not same_device(v.device, self.device):
             raise ShapeError(f"vector is on {v.device} but the operator on {self.device}; use v.to('{self.device}')")

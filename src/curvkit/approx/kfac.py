@@ -204,13 +204,15 @@ class KFACOperator(CurvatureOperator):
 
     # products --------------------------------------------------------------------------
     def _apply(self, V: Tensor, block_fn) -> Tensor:
-        k = V.shape[1]
+        """Each layer's block applied to its part of ``V``; the result in the factors' dtype
+        (float32 for a bf16/fp16 model, as the exact operators' products are)."""
+        k, dt = V.shape[1], work_dtype(torch.empty(0, dtype=self.dtype))
         parts = dict(zip(self.param_names, (t.movedim(-1, 0) for t in self.split(V))))
         out = {}
         for layer in self._layers:
             names = layer.kron_params()
             R = block_fn(layer, layer.to_matrix([parts[n] for n in names]))
-            out.update(zip(names, layer.from_matrix(R.to(V.dtype))))
+            out.update(zip(names, layer.from_matrix(R.to(dt))))
         return torch.cat([out[n].reshape(k, -1) for n in self.param_names], dim=1).T
 
     def _matmat(self, V: Tensor) -> Tensor:

@@ -13,7 +13,8 @@ from ..errors import ArgumentError, NonFiniteError, ShapeError
 from ..linear_operator import BlockDiagonalOperator
 from ..seeding import generator
 
-__all__ = ["check_square", "check_symmetric", "generator", "rademacher", "gaussian", "apply", "operator_blocks"]
+__all__ = ["check_square", "check_symmetric", "generator", "rademacher", "gaussian", "work_dtype", "apply",
+           "operator_blocks"]
 
 
 def check_square(A: Any) -> int:
@@ -64,9 +65,17 @@ def gaussian(n: int, k: int, gen: torch.Generator, dtype: torch.dtype, device) -
     return torch.randn(n, k, generator=gen, device=gen.device, dtype=dtype).to(device)
 
 
+def work_dtype(dt: torch.dtype) -> torch.dtype:
+    """The dtype algorithms keep their vectors and sums in: float64 for float64 operators, float32
+    otherwise (a bf16/fp16 operator multiplies casts: reductions in float32 or better)."""
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
 def apply(A: Any, V: Tensor, what: str = "product") -> Tensor:
-    """``A @ V`` with a finiteness check: algorithms stop on a NaN rather than return garbage."""
-    out = A @ V
+    """``A @ V`` with a finiteness check (algorithms stop on a NaN rather than return garbage),
+    in ``V``'s dtype: a half-precision operator multiplies a cast of ``V`` and its result is cast
+    back, so an algorithm can run in :func:`work_dtype` on any operator."""
+    out = A @ (V if V.dtype == A.dtype else V.to(A.dtype))
     if not isinstance(out, Tensor) or out.shape != V.shape:
         raise ShapeError(
             f"the operator returned {getattr(out, 'shape', type(out))} for an input of shape "
@@ -77,7 +86,7 @@ def apply(A: Any, V: Tensor, what: str = "product") -> Tensor:
             f"the operator returned a non-finite {what} (NaN or inf); check the model's loss and "
             "parameters for NaN/inf, or lower the learning rate that produced them"
         )
-    return out
+    return out if out.dtype == V.dtype else out.to(V.dtype)
 
 
 def operator_blocks(A: Any, by: str) -> BlockDiagonalOperator:

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..progress import progress as progress_bar
 from ..errors import ArgumentError, ConvergenceWarning, ShapeError
 from ..linear_operator import LinearOperator, same_device
-from ._util import apply, check_symmetric
+from ._util import apply, check_symmetric, work_dtype
 from .results import SolveResult
 
 
@@ -57,7 +57,8 @@ def solve(
         raise ShapeError(f"b must be a torch.Tensor of shape ({n},) or ({n}, k), got {type(b).__name__}")
     if b.dim() not in (1, 2) or b.shape[0] != n:
         raise ShapeError(f"b must have shape ({n},) or ({n}, k) to match the operator, got {tuple(b.shape)}")
-    if b.dtype != A.dtype:
+    wd = work_dtype(A.dtype)
+    if b.dtype not in (A.dtype, wd):
         raise ShapeError(f"b has dtype {b.dtype} but the operator {A.dtype}; use b.to({A.dtype})")
     if not same_device(b.device, A.device):
         raise ShapeError(f"b is on {b.device} but the operator on {A.device}; use b.to('{A.device}')")
@@ -65,8 +66,8 @@ def solve(
         raise ShapeError(f"x0 must be a tensor shaped and typed like b {tuple(b.shape)}/{b.dtype}")
     if damping < 0 or tol <= 0:
         raise ArgumentError(f"need damping >= 0 and tol > 0, got damping={damping}, tol={tol}")
-    vector = b.dim() == 1
-    B = b[:, None] if vector else b
+    vector, out_dtype = b.dim() == 1, b.dtype
+    B = (b[:, None] if vector else b).to(wd)  # iterates in float32 or better (a bf16 operator multiplies casts)
     k = B.shape[1]
     budget = max_matvecs if max_matvecs is not None else k * min(10 * n, 1000)
 
@@ -76,7 +77,7 @@ def solve(
 
     bnorm = B.norm(dim=0)
     bnorm_safe = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
-    X = torch.zeros_like(B) if x0 is None else (x0[:, None] if vector else x0).clone()
+    X = torch.zeros_like(B) if x0 is None else (x0[:, None] if vector else x0).to(wd).clone()
     matvecs, steps = 0, 0
     R = B.clone()
     if x0 is not None:
@@ -148,6 +149,7 @@ def solve(
             ConvergenceWarning,
             stacklevel=2,
         )
+    X = X.to(out_dtype)
     return SolveResult(X[:, 0] if vector else X, residual, matvecs, converged, steps)
 
 

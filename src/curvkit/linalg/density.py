@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..progress import progress as progress_bar
 from ..errors import ArgumentError, CurvkitWarning
-from ._util import apply, check_symmetric, gaussian, generator
+from ._util import apply, check_symmetric, gaussian, generator, work_dtype
 from .results import DensityResult
 
 _F64 = torch.float64
@@ -69,7 +69,7 @@ def spectral_density(
     if sigma is not None and not sigma > 0:
         raise ArgumentError(f"sigma must be positive, got {sigma}")
     iterations = min(iterations, n)  # a Krylov space has at most n dimensions
-    dt, dev = A.dtype, A.device
+    dt, dev = work_dtype(A.dtype), A.device
     gen = generator(seed)
     Q = gaussian(n, probes, gen, dt, dev)
     Q = Q / Q.norm(dim=0)

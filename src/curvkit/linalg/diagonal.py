@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentError
-from ._util import apply, check_square, generator, operator_blocks, rademacher
+from ._util import apply, check_square, generator, operator_blocks, rademacher, work_dtype
 from .results import BlockResults, DiagonalResult
 
 _CHUNK = 64  # probes per block product: bounds memory for large operators
@@ -17,10 +17,10 @@ def hutchinson_samples(A: Any, probes: int, gen: torch.Generator) -> torch.Tenso
     r"""``(n, probes)`` samples ``z * (A z)`` over Rademacher probes ``z`` drawn from ``gen``.
 
     Each column is an unbiased estimate of ``diag(A)``; :func:`diagonal` averages them and the
-    optimizers in :mod:`curvkit.optim` feed them to their preconditioners. In ``A.dtype``;
+    optimizers in :mod:`curvkit.optim` feed them to their preconditioners. In ``work_dtype(A.dtype)``;
     raises NonFiniteError if a product is NaN/inf. Cost: ``probes`` operator products (one block).
     """
-    Z = rademacher(check_square(A), probes, gen, A.dtype, A.device)
+    Z = rademacher(check_square(A), probes, gen, work_dtype(A.dtype), A.device)
     return Z * apply(A, Z, "diagonal probe product")
 
 
@@ -67,4 +67,5 @@ def diagonal(
         mean += delta * c / (seen + c)
         seen += c
     var = m2 / (probes - 1)
-    return DiagonalResult(mean.to(A.dtype), (var / probes).sqrt().to(A.dtype), probes, probes)
+    wd = work_dtype(A.dtype)
+    return DiagonalResult(mean.to(wd), (var / probes).sqrt().to(wd), probes, probes)

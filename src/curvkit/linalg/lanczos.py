@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..progress import progress as progress_bar
 from ..errors import ArgumentError, ConvergenceWarning, ShapeError
-from ._util import apply, check_square, check_symmetric, gaussian, generator, operator_blocks
+from ._util import apply, check_square, check_symmetric, gaussian, generator, operator_blocks, work_dtype
 from .results import BlockResults, EigenResult
 
 Which = Literal["largest", "smallest", "magnitude"]
@@ -114,11 +114,6 @@ def _order(theta: Tensor, which: str) -> Tensor:
     return torch.argsort(theta.abs(), descending=True)
 
 
-def work_dtype(dt: torch.dtype) -> torch.dtype:
-    """The basis and reductions: float64 for float64 operators, float32 otherwise."""
-    return torch.float64 if dt == torch.float64 else torch.float32
-
-
 def _inexact_products(A: Any) -> bool:
     """Whether products carry rounding the Lanczos relation cannot see: a half-precision operator,
     or TF32 matrix multiplies/convolutions on CUDA."""
@@ -179,7 +174,7 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, in
     bar = progress_bar(total=budget, desc="eigenvalues", enabled=progress)
     try:
         while True:
-            W = _product(A, V[:, m : m + b], wd)
+            W = apply(A, V[:, m : m + b], "Lanczos product")
             matvecs, steps = matvecs + b, steps + 1
             bar.update(b)
             cur = m + b
@@ -219,7 +214,7 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, in
     vectors = V[:, :m] @ S[:, want].to(device=dev, dtype=wd)
     values, residuals = theta[want].to(device=dev, dtype=wd), res[want].to(device=dev, dtype=wd)
     if _inexact_products(A):  # one direct product: the relation cannot see the products' rounding
-        AV = _product(A, vectors, wd)
+        AV = apply(A, vectors, "residual check product")
         matvecs += vectors.shape[1]
         residuals = (AV - vectors * values).norm(dim=0)
         rel = float(residuals.max()) / scale
@@ -233,11 +228,6 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, in
         )
     return EigenResult(values=values, vectors=vectors, residuals=residuals, matvecs=matvecs,
                        converged=converged, iterations=steps)
-
-
-def _product(A: Any, V: Tensor, wd: torch.dtype) -> Tensor:
-    """``A @ V`` in the working dtype (a half-precision operator multiplies a cast of ``V``)."""
-    return apply(A, V if A.dtype == wd else V.to(A.dtype), "Lanczos product").to(wd)
 
 
 def _may_stop(theta: Tensor, res: Tensor, order: Tensor, k: int, m: int, tol: float, scale: float) -> bool:
@@ -278,7 +268,7 @@ def _next_block(W: Tensor, V: Tensor, gen: torch.Generator, small: float) -> tup
 
 def _dense(A: Any, n: int, k: int, which: str) -> EigenResult:
     """Small operators: form the matrix with n products and solve it exactly."""
-    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    eye = torch.eye(n, dtype=work_dtype(A.dtype), device=A.device)
     D = torch.cat([apply(A, eye[:, i : i + 64], "product") for i in range(0, n, 64)], dim=1)
     D = (D + D.T) / 2
     theta, S = torch.linalg.eigh(D.to(_F64))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentError, ConvergenceWarning
-from ._util import apply, check_symmetric, gaussian, generator
+from ._util import apply, check_symmetric, gaussian, generator, work_dtype
 from .results import EigenResult
 
 
@@ -41,21 +41,16 @@ def power_iteration(
     if not tol > 0:
         raise ArgumentError(f"tol must be positive (a relative residual), got {tol!r}")
     gen = generator(seed)
-    wd = torch.float64 if A.dtype == torch.float64 else torch.float32  # a half-precision operator multiplies casts
-
-    def product(x: torch.Tensor) -> torch.Tensor:
-        return apply(A, x if A.dtype == wd else x.to(A.dtype)).to(wd)
-
-    v = gaussian(n, 1, gen, wd, A.device)[:, 0]
+    v = gaussian(n, 1, gen, work_dtype(A.dtype), A.device)[:, 0]
     v = v / v.norm()
-    Av, matvecs = product(v), 1
+    Av, matvecs = apply(A, v), 1
     while True:
         lam = torch.dot(v, Av)
         res = (Av - lam * v).norm()
         if res <= tol * lam.abs() or matvecs >= max_matvecs:
             break
         v = Av / Av.norm()
-        Av = product(v)
+        Av = apply(A, v)
         matvecs += 1
     converged = bool(res <= tol * lam.abs())
     if not converged:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, CurvkitWarning
-from ._util import apply, check_square, generator, operator_blocks, rademacher
+from ._util import apply, check_square, generator, operator_blocks, rademacher, work_dtype
 from .results import BlockResults, TraceResult
 
 _CHUNK = 64  # probes per block product: bounds memory for large operators
@@ -68,7 +68,7 @@ def trace(
     if by is not None:
         return BlockResults({name: trace(B, method, probes, seed) for name, B in operator_blocks(A, by).items()})
     n = check_square(A)
-    gen = generator(seed)
+    gen, wd = generator(seed), work_dtype(A.dtype)
     s = min(probes // 3, (probes - MIN_SAMPLES) // 2)
     if method == "hutchinson" or s < MIN_SAMPLES // 2:  # a sketch of < 5 vectors buys less than its products
         if probes < MIN_SAMPLES:
@@ -77,19 +77,19 @@ def trace(
                 f"several times); use probes >= {MIN_SAMPLES} for an error bar you can trust",
                 CurvkitWarning, stacklevel=2,
             )
-        samples = _quadratic_forms(A, lambda m: rademacher(n, m, gen, A.dtype, A.device), probes)
+        samples = _quadratic_forms(A, lambda m: rademacher(n, m, gen, wd, A.device), probes)
         value, stderr = _mean_stderr(samples)
         return TraceResult(value, stderr, probes, "hutchinson", probes, probes)
 
     m = probes - 2 * s
     if s >= n:  # the sketch spans everything: the trace is exact
         return TraceResult(_exact(A, n), 0.0, n, "hutch++", probes, 0)
-    S = rademacher(n, s, gen, A.dtype, A.device)
+    S = rademacher(n, s, gen, wd, A.device)
     Q = torch.linalg.qr(_apply_chunked(A, S))[0]
     top = float(torch.sum(Q * _apply_chunked(A, Q)))
 
     def deflated(k: int) -> Tensor:
-        G = rademacher(n, k, gen, A.dtype, A.device)
+        G = rademacher(n, k, gen, wd, A.device)
         return G - Q @ (Q.T @ G)
 
     samples = _quadratic_forms(A, deflated, m)
@@ -115,5 +115,5 @@ def _mean_stderr(x: Tensor) -> tuple[float, float]:
 
 
 def _exact(A: Any, n: int) -> float:
-    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    eye = torch.eye(n, dtype=work_dtype(A.dtype), device=A.device)
     return sum(float(torch.sum(eye[:, i : i + _CHUNK] * apply(A, eye[:, i : i + _CHUNK]))) for i in range(0, n, _CHUNK))

@@ -225,7 +225,9 @@ class Risk:
                         empty = w == 0  # and what it weighs by its terms is NaN * 0; it counts nothing
                         parts = [torch.where(empty & ~torch.isfinite(p), torch.zeros_like(p), p) for p in parts]
                         loss = torch.where(empty, torch.zeros_like(loss), loss)
-                    sums = [p.clone() for p in parts] if sums is None else [s.add_(p) for s, p in zip(sums, parts)]
+                    # sums in float32 or better whatever the model's dtype (bf16 cannot count past 256)
+                    sums = [p.to(_acc(p.dtype), copy=True) for p in parts] if sums is None else \
+                        [s.add_(p) for s, p in zip(sums, parts)]
                     weight = weight + w
                     examples += int(y.shape[0])
                     losses.append(loss)
@@ -477,6 +479,10 @@ def _error_code(e: BaseException) -> int:
         if isinstance(e, cls):
             return j + 1
     return len(_SHARED_ERRORS) + 1
+
+
+def _acc(dt: torch.dtype) -> torch.dtype:
+    return torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
 
 
 def output_hint(out: Any) -> str:

@@ -40,7 +40,8 @@ class CurvatureOperator(LinearOperator):
     targets that are not ``ignore_index``, or their class weights; see
     :mod:`curvkit.model.losses`), by 1 for "sum". So batching the same data differently gives the
     same operator. It follows the model's live parameters: an operator built before training
-    measures the current weights at every product.
+    measures the current weights at every product. A bf16/fp16 model's products run in its dtype
+    and are summed over batches in float32; they take and return float32 vectors as well.
 
     Args:
         model: the network; evaluated in ``mode`` ("eval" by default) and restored afterwards.
@@ -157,7 +158,7 @@ class CurvatureOperator(LinearOperator):
     # the data loop ----------------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
         k = V.shape[1]
-        probes = self.space.probes(V)  # (k, *p.shape) each
+        probes = self.space.probes(V.to(self.dtype))  # (k, *p.shape) each, in the model's dtype
         check = torch.stack([V.sum(), V.square().sum()]) if self.risk.group is not None else None
         params = self.space.tensors
 
@@ -169,7 +170,7 @@ class CurvatureOperator(LinearOperator):
             return [torch.cat([t.reshape(k, -1) for t in prods], dim=1)], loss, w
 
         totals = self.risk.accumulate(batch, check=check)
-        return totals.mean(totals.sums[0]).T
+        return totals.mean(totals.sums[0]).T  # float32 for a bf16/fp16 model: summed in float32
 
     def _weighted(self, x: Any, y: Tensor, V: list[Tensor], index: int) -> tuple[list[Tensor], Tensor, Any]:
         prods, loss, w = self._batch_matmat(x, y, V, index)
