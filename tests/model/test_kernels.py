@@ -128,3 +128,37 @@ def test_context_restores_the_flags_and_errors_are_told_apart():
         == "mkldnn_rnn_layer"
     assert fused_op(RuntimeError("vmap: some other failure")) is None
     assert fused_op(ValueError("_embedding_bag")) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_sdpa_kernels_on_cuda(dtype):
+    """PyTorch's default attention on CUDA (flash / memory-efficient / cuDNN) has no double backward
+    and no forward-mode AD: curvkit's products run through it (on the math backend) and equal a
+    model written with explicit attention."""
+    class SDPA(nn.Module):
+        def __init__(self, math: bool):
+            super().__init__()
+            self.qkv, self.head, self.math = nn.Linear(16, 48), nn.Linear(16, 3), math
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = self.qkv(x).view(B, T, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            if self.math:
+                a = ((q @ k.transpose(-1, -2)) / 8**0.5).softmax(-1) @ v
+            else:
+                a = F.scaled_dot_product_attention(q, k, v)
+            return self.head(a.transpose(1, 2).reshape(B, T, 16).mean(1))
+
+    torch.manual_seed(0)
+    fused, plain = SDPA(False).cuda().to(dtype), SDPA(True).cuda().to(dtype)
+    plain.load_state_dict(fused.state_dict())
+    x, y = torch.randn(8, 64, 16, device="cuda", dtype=dtype), torch.randint(0, 3, (8,), device="cuda")
+    v = torch.randn(sum(p.numel() for p in fused.parameters()), device="cuda")
+    for make in (ck.hessian, ck.ggn):
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            a = make(fused, nn.CrossEntropyLoss(), (x, y)) @ v
+        b = make(plain, nn.CrossEntropyLoss(), (x, y)) @ v
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        assert float((a - b).norm() / b.norm()) < tol, make.__name__
