@@ -68,8 +68,8 @@ class HessianOperator(CurvatureOperator):
         """Pick the product method (see the class docstring). On the CPU, double backward: it has no
         transform overhead and was faster on every model measured (BENCHMARKS.md), and a fixed
         choice keeps same-seed results bit-identical. On CUDA, run the first batch's product both
-        ways, timed, with its peak memory, and keep the better. Cost on CUDA: about three extra
-        products of one batch, once."""
+        ways, timed, with its peak memory, and keep the better. Cost on CUDA: two extra products of
+        one batch, once (the forward-over-reverse warm-up is the graph capture it needs anyway)."""
         if self.device.type != "cuda":
             self.strategy = "double-backward"
             self.choice = {"chosen": "double-backward", "why": "the CPU: no transform overhead"}
@@ -78,12 +78,14 @@ class HessianOperator(CurvatureOperator):
         key = i
         probes, params = self.space.probes(V), self.space.tensors
 
-        def measure(batch) -> dict:
+        def measure(batch, warm: bool) -> dict:
             run = lambda: self.risk._fit(batch, x, y, key, i)  # noqa: E731  (OOM and fused-kernel fallbacks)
-            run()  # warm-up (a CUDA graph is captured here)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
+            if warm:  # forward-over-reverse: the first run captures the CUDA graph (its memory counts)
+                run()
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             run()
             torch.cuda.synchronize()
@@ -91,13 +93,13 @@ class HessianOperator(CurvatureOperator):
 
         with self.risk.in_mode():
             if self._graphs is not None:
-                fwd = measure(lambda x_, y_, k_: self._graphs(self._weighted, x_, y_, probes, k_, params))
+                fwd = measure(lambda x_, y_, k_: self._graphs(self._weighted, x_, y_, probes, k_, params), True)
             else:
-                fwd = measure(lambda x_, y_, k_: self._weighted(x_, y_, probes, k_))
+                fwd = measure(lambda x_, y_, k_: self._weighted(x_, y_, probes, k_), True)
             if self.strategy != "vmap":  # the transform could not run this model: nothing to choose
                 self.choice = {"chosen": self.strategy, "why": "forward-over-reverse cannot run this model"}
                 return
-            dbl = measure(lambda x_, y_, k_: self._double_backward(x_, y_, probes))
+            dbl = measure(lambda x_, y_, k_: self._double_backward(x_, y_, probes), False)  # once: it costs k passes
         t_f, t_d = fwd["seconds"], dbl["seconds"]
         if t_d < 0.9 * t_f or (t_d <= 1.1 * t_f and dbl["peak_bytes"] < fwd["peak_bytes"]):
             self.strategy, self._graphs = "double-backward", None  # the other's graphs go with their memory
