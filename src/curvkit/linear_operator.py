@@ -62,6 +62,8 @@ class LinearOperator:
     dtype: torch.dtype
     device: torch.device
     is_symmetric: bool = True
+    # whether products carry no rounding beyond their dtype's (None: unknown, the algorithms guess)
+    exact_products: bool | None = None
 
     def _matmat(self, V: Tensor) -> Tensor:  # V: (n, k), already checked
         raise NotImplementedError
@@ -190,6 +192,7 @@ class SumOperator(LinearOperator):
         self.A, self.B = A, B
         self.shape, self.dtype, self.device = A.shape, A.dtype, A.device
         self.is_symmetric = A.is_symmetric and B.is_symmetric
+        self.exact_products = _both_exact(A, B)
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.A @ V + self.B @ V
@@ -205,6 +208,7 @@ class ScaledOperator(LinearOperator):
         self.A, self.c = A, c
         self.shape, self.dtype, self.device = A.shape, A.dtype, A.device
         self.is_symmetric = A.is_symmetric
+        self.exact_products = A.exact_products
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.c * (self.A @ V)
@@ -223,6 +227,7 @@ class ProductOperator(LinearOperator):
         self.shape, self.dtype, self.device = (A.shape[0], B.shape[1]), A.dtype, A.device
         ident = isinstance(A, IdentityOperator) or isinstance(B, IdentityOperator)
         self.is_symmetric = A.is_symmetric and B.is_symmetric and (A is B or ident)
+        self.exact_products = _both_exact(A, B)
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.A @ (self.B @ V)
@@ -249,8 +254,15 @@ class AdjointOperator(LinearOperator):
         return self.A
 
 
+def _both_exact(A: LinearOperator, B: LinearOperator) -> bool | None:
+    a, b = A.exact_products, B.exact_products
+    return False if a is False or b is False else (True if a and b else None)
+
+
 class IdentityOperator(LinearOperator):
     """The n x n identity (free: no product)."""
+
+    exact_products = True
 
     def __init__(self, n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.shape, self.dtype, self.device = (n, n), dtype, torch.device(device)

@@ -115,8 +115,12 @@ def _order(theta: Tensor, which: str) -> Tensor:
 
 
 def _inexact_products(A: Any) -> bool:
-    """Whether products carry rounding the Lanczos relation cannot see: a half-precision operator,
-    or TF32 matrix multiplies/convolutions on CUDA."""
+    """Whether products carry rounding the Lanczos relation cannot see: what the operator says
+    (``exact_products``, e.g. a curvature operator knows whether its model has convolutions), else
+    a half-precision operator, or TF32 matrix multiplies/convolutions on CUDA."""
+    said = getattr(A, "exact_products", None)
+    if said is not None:
+        return not said
     if A.dtype in (torch.float16, torch.bfloat16):
         return True
     dev = torch.device(A.device)

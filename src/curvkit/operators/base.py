@@ -80,6 +80,19 @@ class CurvatureOperator(LinearOperator):
         self._graphs = GraphCache() if cuda_graphs and self._graph_safe else None
         self._setup()
 
+    @property
+    def exact_products(self) -> bool:
+        """Whether a product carries no rounding beyond its dtype's that the algorithms cannot see:
+        False for bf16/fp16 models and, on CUDA, with TF32 matrix multiplies or (for models with
+        convolutions) TF32 cuDNN convolutions. Lanczos then checks its residuals with one direct
+        product."""
+        if self.dtype in (torch.float16, torch.bfloat16):
+            return False
+        if self.device.type != "cuda" or self.dtype != torch.float32:
+            return True
+        conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
+        return not (torch.backends.cuda.matmul.allow_tf32 or (conv and torch.backends.cudnn.allow_tf32))
+
     def _options(self) -> dict:
         """The constructor's keyword arguments that rebuild this operator (``blocks`` uses them)."""
         r = self.risk

@@ -68,8 +68,10 @@ class HessianOperator(CurvatureOperator):
         """Pick the product method (see the class docstring). On the CPU, double backward: it has no
         transform overhead and was faster on every model measured (BENCHMARKS.md), and a fixed
         choice keeps same-seed results bit-identical. On CUDA, run the first batch's product both
-        ways, timed, with its peak memory, and keep the better. Cost on CUDA: two extra products of
-        one batch, once (the forward-over-reverse warm-up is the graph capture it needs anyway)."""
+        ways, timed, with its peak memory, and keep the better (double backward is timed on one probe
+        and scaled by the k probes: it runs one backward per probe). Cost on CUDA: about two extra
+        products of one batch, once (the forward-over-reverse warm-up is the graph capture it needs
+        anyway)."""
         if self.device.type != "cuda":
             self.strategy = "double-backward"
             self.choice = {"chosen": "double-backward", "why": "the CPU: no transform overhead"}
@@ -99,7 +101,10 @@ class HessianOperator(CurvatureOperator):
             if self.strategy != "vmap":  # the transform could not run this model: nothing to choose
                 self.choice = {"chosen": self.strategy, "why": "forward-over-reverse cannot run this model"}
                 return
-            dbl = measure(lambda x_, y_, k_: self._double_backward(x_, y_, probes), False)  # once: it costs k passes
+            # once, on one probe: it costs one backward per probe, so k probes cost about k times that
+            one = [p[:1] for p in probes]
+            dbl = measure(lambda x_, y_, k_: self._double_backward(x_, y_, one), False)
+            dbl["seconds"] *= V.shape[1]
         t_f, t_d = fwd["seconds"], dbl["seconds"]
         if t_d < 0.9 * t_f or (t_d <= 1.1 * t_f and dbl["peak_bytes"] < fwd["peak_bytes"]):
             self.strategy, self._graphs = "double-backward", None  # the other's graphs go with their memory
