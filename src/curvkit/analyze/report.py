@@ -276,30 +276,19 @@ def _loss_and_gradient(H) -> tuple[float, float | None, Tensor, int | None, int,
     batches, with the number of examples and of batches: one forward and backward pass of the one
     data loop (:class:`curvkit.model.Risk`), so under torch.distributed all of them are over
     every rank's data."""
-    risk = H.risk
-    f = risk.function()
     seen = {"classes": None, "cls": True, "keys": set()}
 
-    def batch(x: Any, y: Tensor, key: int):
-        with torch.enable_grad():
-            params = {n: p.requires_grad_(True) for n, p in risk.space.detached().items()}
-            out = f(params, x)
-            value = risk.loss(out, y)
-            g = torch.autograd.grad(value, list(params.values()), allow_unused=True)
-        w = risk.weight(out, y)
-        flat = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
-                          for gi, p in zip(g, params.values())])
+    def count(out: Any, y: Tensor, key: int) -> list[Tensor]:
         seen["cls"] = seen["cls"] and _is_classification(out, y)
-        hits = torch.zeros((), dtype=flat.dtype, device=flat.device)
+        hits = torch.zeros((), dtype=torch.float64, device=y.device)
         if seen["cls"]:
-            hits = (out.argmax(1) == y).sum().to(flat.dtype)
+            hits = (out.argmax(1) == y).sum().to(torch.float64)
             seen["classes"] = int(out.shape[1])
         first = key not in seen["keys"]  # the pieces of a batch (max_batch) share its key: count it once
         seen["keys"].add(key)
-        one = torch.full((1,), float(first), dtype=flat.dtype, device=flat.device)
-        return [flat * w, hits.reshape(1), one], value.detach(), w
+        return [hits.reshape(1), torch.full((1,), float(first), dtype=torch.float64, device=y.device)]
 
-    totals = risk.accumulate(batch, what="gradient")
+    totals = H.risk.gradient_pass(count)
     grad, hits, batches = totals.mean(totals.sums[0]), float(totals.sums[1]), int(float(totals.sums[2]))
     acc = hits / totals.examples if seen["cls"] else None
     return totals.loss, acc, grad, seen["classes"] if seen["cls"] else None, totals.examples, batches

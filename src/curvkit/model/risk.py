@@ -318,9 +318,25 @@ class Risk:
 
         Cost: one forward and one backward pass over the data.
         """
+        def extra(out: Any, y: Tensor, key: int) -> list[Tensor]:
+            if on_batch is not None:
+                on_batch(out, y)
+            return []
+
+        totals = self.gradient_pass(extra)
+        return totals.loss, totals.mean(totals.sums[0])
+
+    def gradient_pass(self, extra: Callable[[Any, Tensor, int], list[Tensor]] | None = None) -> Totals:
+        """One forward and backward pass: ``sums[0]`` is the weighted sum of the batches' gradients
+        (flat; ``Totals.mean`` of it is the gradient), followed by the sums of what
+        ``extra(outputs, targets, key)`` returns per batch (detached outputs; e.g. correct
+        predictions), all summed over the ranks in the one all-reduce.
+
+        Cost: one forward and one backward pass over the data.
+        """
         f = self.function()
 
-        def batch(x: Any, y: Tensor, _: int):
+        def batch(x: Any, y: Tensor, key: int):
             with torch.enable_grad():
                 params = {n: p.requires_grad_(True) for n, p in self.space.detached().items()}
                 out = f(params, x)
@@ -329,12 +345,10 @@ class Risk:
             w = self.weight(out, y)
             flat = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
                               for gi, p in zip(g, params.values())])
-            if on_batch is not None:
-                on_batch(out.detach() if isinstance(out, Tensor) else out, y)
-            return [flat * w], value.detach(), w
+            more = [] if extra is None else extra(out.detach() if isinstance(out, Tensor) else out, y, key)
+            return [flat * w, *more], value.detach(), w
 
-        totals = self.accumulate(batch, what="gradient")
-        return totals.loss, totals.mean(totals.sums[0])
+        return self.accumulate(batch, what="gradient")
 
     # checks -----------------------------------------------------------------------------
     def _validate(self) -> tuple[Any, Tensor, Tensor]:
