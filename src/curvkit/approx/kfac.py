@@ -22,7 +22,6 @@ from ..model.losses import warn_if_linear
 from ..model.params import ParamSpec
 from ..model.risk import Mode
 from ..operators.base import CurvatureOperator
-from ..operators.fisher import batch_stream
 from ..seeding import seed_int
 from .kronecker import (activation_factor, gradient_factor, input_rows, kron_eigen, kron_layers, kron_matmul,
                         kron_solve, output_rows)
@@ -131,13 +130,9 @@ class KFACOperator(CurvatureOperator):
         spec = self.loss
         if self.kind == "type-2":
             return spec.sqrt(out, y)
-        if self.kind == "empirical":
-            R = spec.residuals(out, y)[None]
-        else:
-            self._stream = batch_stream(self._stream, self.seed, index, out.device)
-            gen = self._stream[1]
-            R = torch.stack([spec.sampled_residuals(out, y, gen) for _ in range(self.mc_samples)])
-            R = R / math.sqrt(self.mc_samples)
+        gen = None if self.kind == "empirical" else self.risk.batch_generator(self.seed, index, out.device)
+        R = spec.residual_draws(out, y, self.kind, gen, self.mc_samples)
+        R = R / math.sqrt(R.shape[0])  # the m draws' outer products averaged
         c = torch.as_tensor(spec.factor(out, y), dtype=out.dtype, device=out.device)
         return R * c.sqrt()
 
@@ -178,7 +173,6 @@ class KFACOperator(CurvatureOperator):
             sums, loss, w = self._batch_factors(x, y, i)
             return [z if s is None else s.to(dt) for z, s in zip(zeros, sums)], loss, w
 
-        self._stream = None  # the pieces of a batch (max_batch) continue one stream of samples
         totals = self.risk.accumulate(batch, what="K-FAC factor")
         s = totals.sums
         return {layer.name: (s[2 * j] / totals.examples, totals.mean(s[2 * j + 1]))

@@ -133,6 +133,14 @@ class LossSpec:
         terms exist and their weights): ``E[r r^T]`` per term is the term's output Hessian."""
         return self.residuals(out, self.sample(out, gen))
 
+    def residual_draws(self, out: Tensor, y: Tensor, kind: str, gen: torch.Generator | None = None,
+                       samples: int = 1) -> Tensor:
+        """``R (m, *out.shape)``: the residuals a Fisher is made of, ``kind="empirical"`` at the
+        data's targets (``m = 1``), ``kind="mc"`` at ``samples`` draws from the model (``gen``)."""
+        if kind == "empirical":
+            return self.residuals(out, y)[None]
+        return torch.stack([self.sampled_residuals(out, y, gen) for _ in range(samples)])
+
     def fisher_matmat(self, out: Tensor, R: Tensor, U: Tensor, factor: Tensor | float) -> Tensor:
         """``factor * mean_m sum_t r_mt (r_mt . U_t)``: the Fisher's output-space matrix for
         residual samples ``R (m, *out.shape)`` on blocks ``U (k, *out.shape)``."""

@@ -115,6 +115,7 @@ class Risk:
         self.model, self.loss_fn, self.mode, self.output = model, loss_fn, mode, output
         self.max_batch = max_batch
         self.safe_kernels = False  # set when a fused kernel without second derivatives was met
+        self._stream: tuple[int, int, torch.Generator] | None = None  # (seed, key, generator) of this pass
         self.space = space if space is not None else ParamSpace(model, params)
         if mode == "train":
             refuse_active_dropout(model)
@@ -180,7 +181,7 @@ class Risk:
     def pieces(self) -> Iterator[tuple[int, Any, Tensor]]:
         """``(batch index, inputs, targets)`` for every micro-batch of one pass (``max_batch``):
         consecutive pieces of a batch share its index, so per-batch random draws continue one
-        stream over them (see :func:`curvkit.operators.fisher.batch_stream`)."""
+        stream over them (:meth:`batch_generator`)."""
         for i, x, y in self.batches:
             if self.max_batch is not None and y.shape[0] > self.max_batch:
                 for xs, ys in split_batch(x, y, self.max_batch):
@@ -207,6 +208,7 @@ class Risk:
         raise its class, naming that rank), except one met before this rank's first batch is done
         (the size of the all-reduce is not known yet): that one stays on its rank.
         """
+        self._stream = None  # a new pass: every batch's draws start from their own seed again
         sums: list[Tensor] | None = None
         losses: list[Tensor] = []  # each batch's loss, for the error that names a bad one
         weighted: list[Tensor] = []
@@ -310,6 +312,19 @@ class Risk:
             total = parts if total is None else [t + p for t, p in zip(total, parts)]
             loss, weight = loss + l_.detach() * w, weight + w
         return total, loss / weight, weight
+
+    def batch_generator(self, seed: int, key: int, device: torch.device | str) -> torch.Generator:
+        """The generator of batch ``key``'s random draws (the key ``fn`` of :meth:`accumulate`
+        receives): seeded by ``(seed, key)`` on the batch's first piece and continued by its later
+        pieces (``max_batch``), so the pieces draw one stream instead of each restarting it, and
+        every pass over the data draws the same samples (the Monte-Carlo Fisher stays one matrix)."""
+        last = self._stream
+        if last is not None and last[:2] == (seed, key):
+            return last[2]
+        gen = torch.Generator(device=device)
+        gen.manual_seed((seed * 1_000_003 + key) % 2**64)  # manual_seed takes 64 bits
+        self._stream = (seed, key, gen)
+        return gen
 
     def loss_and_gradient(self, on_batch: Callable[[Any, Tensor], None] | None = None) -> tuple[float, Tensor]:
         """The loss over all the data and its gradient (flat, in the space's order), batches

@@ -59,7 +59,6 @@ class FisherOperator(OutputSpaceOperator):
         if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
             raise ArgumentError(f"mc_samples must be a positive integer, got {mc_samples!r}")
         self.kind, self.mc_samples, self.seed = kind, mc_samples, seed_int(seed)
-        self._stream: tuple[int, torch.Generator] | None = None
         if kind == "mc":
             self._graph_safe = False  # per-batch sampling uses its own generator: replay eagerly
         super().__init__(model, loss_fn, data, params, mode=mode, reduction=reduction, output=output,
@@ -72,31 +71,11 @@ class FisherOperator(OutputSpaceOperator):
         if self.kind == "mc" and not self.loss.has_likelihood:
             self.loss.sample(out, torch.Generator())  # raises the LossError that says why
 
-    def _matmat(self, V: Tensor) -> Tensor:
-        self._stream = None  # a new pass: every batch's samples start from its own seed again
-        return super()._matmat(V)
-
     def _output_matmat(self, out: Tensor, y: Tensor, JV: Tensor, index: int) -> Tensor:
         spec = self.loss
-        if self.kind == "empirical":
-            R = spec.residuals(out, y)[None]
-        else:
-            self._stream = batch_stream(self._stream, self.seed, index, out.device)
-            gen = self._stream[1]
-            R = torch.stack([spec.sampled_residuals(out, y, gen) for _ in range(self.mc_samples)])
+        gen = None if self.kind == "empirical" else self.risk.batch_generator(self.seed, index, out.device)
+        R = spec.residual_draws(out, y, self.kind, gen, self.mc_samples)
         return spec.fisher_matmat(out, R, JV, spec.factor(out, y))
-
-
-def batch_stream(last: tuple[int, torch.Generator] | None, seed: int, index: int,
-                 device: torch.device) -> tuple[int, torch.Generator]:
-    """``(index, generator)`` for the samples of batch ``index``: a generator seeded by ``(seed,
-    index)``, or the one the previous piece of the same batch used (``max_batch`` cuts a batch
-    into consecutive pieces), so that the pieces continue one stream instead of each restarting it."""
-    if last is not None and last[0] == index:
-        return last
-    gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + index) % 2**64)  # manual_seed takes 64 bits
-    return index, gen
 
 
 def fisher(model: nn.Module, loss_fn: Any, data: Any, params: ParamSpec = None, *, kind: Kind = "empirical",
