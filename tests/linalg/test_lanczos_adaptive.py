@@ -69,3 +69,14 @@ def test_half_precision_products_run_in_float32_with_honest_residuals():
     assert not tight.converged
     pw = power_iteration(op, tol=1e-2)
     assert pw.converged and abs(float(pw.values[0]) - 175.0) <= 1e-2 * 175
+
+
+@pytest.mark.parametrize("k", [11, 15])
+def test_many_eigenvalues_with_an_edge_in_a_continuum_stop_before_the_budget(k):
+    """Regression: with k >= 11 the cluster guard asked for a basis larger than the basis can be,
+    and an edge inside the bulk never "resolved": the run took the whole budget (1,500 products)."""
+    A = sym(spectrum("clustered"))
+    r = eigenvalues(A, k=k, tol=1e-3)
+    ref = torch.linalg.eigvalsh(A).flip(0)[:k]
+    assert r.converged and r.matvecs < 200
+    assert torch.allclose(r.values, ref, atol=1e-3 * 10)

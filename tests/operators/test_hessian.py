@@ -30,3 +30,26 @@ def test_mse_mean_hessian_takes_the_vmapped_path():
     ref = ck.hessian(model, nn.MSELoss(), data, method="double-backward")
     assert_close(H.dense(), ref.dense())
     assert H.strategy == "vmap"
+
+
+def test_double_backward_with_unused_and_linear_parameters():
+    """Regression: double backward (the CPU default) refused a parameter the loss does not reach
+    (an unused module) and one it reaches linearly; their rows of H are zero, as forward-over-reverse says."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.unused, self.b = nn.Linear(3, 4), nn.Linear(2, 2), nn.Linear(4, 2)
+            self.shift = nn.Parameter(torch.zeros(2))  # enters the MSE loss linearly through the residual
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x))) + self.shift
+
+    torch.manual_seed(0)
+    model = Net().double()
+    g = torch.Generator().manual_seed(1)
+    for loss_fn, y in ((nn.CrossEntropyLoss(), torch.randint(0, 2, (5,), generator=g)),
+                       (nn.L1Loss(), torch.randn(5, 2, generator=g, dtype=DT))):
+        data = (torch.randn(5, 3, generator=g, dtype=DT), y)
+        db = ck.hessian(model, loss_fn, data, method="double-backward").dense()
+        fwd = ck.hessian(model, loss_fn, data, method="forward-over-reverse").dense()
+        assert_close(db, fwd)

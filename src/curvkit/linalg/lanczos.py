@@ -172,7 +172,7 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, in
     V = torch.empty(n, m_max + b, dtype=wd, device=dev)
     H = torch.zeros(m_max, m_max, dtype=_F64)
     V[:, :b] = V0
-    m, matvecs, steps = 0, 0, 0  # V[:, :m] multiplied; V[:, m:m+b] the pending block
+    m, matvecs, steps, restarts = 0, 0, 0, 0  # V[:, :m] multiplied; V[:, m:m+b] the pending block
     p = min(m_max - b, k + (m_max - k) // 2)  # Ritz vectors kept at a restart
     p -= (p - k) % b if p > k else 0
     bar = progress_bar(total=budget, desc="eigenvalues", enabled=progress)
@@ -200,7 +200,8 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, in
             scale = max(float(theta[want].abs().max()), 1e-300)
             rel = float(res[want].max()) / scale
             bar.set_postfix(rel_residual=f"{rel:.1e}", refresh=False)
-            if m >= k and rel <= tol and (m + b > n or _may_stop(theta, res, order, k, m, tol, scale)):
+            if m >= k and rel <= tol and (
+                    m + b > n or _may_stop(theta, res, order, k, m, m_max, restarts, tol, scale)):
                 break
             if matvecs + b > budget:
                 break
@@ -209,7 +210,7 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, in
                 V[:, :p] = V[:, :m] @ S[:, keep].to(device=dev, dtype=wd)
                 H.zero_()
                 H[:p, :p] = torch.diag(theta[keep])
-                m = p
+                m, restarts = p, restarts + 1
             V[:, m : m + b] = Qn
     finally:
         bar.close()
@@ -234,19 +235,23 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, in
                        converged=converged, iterations=steps)
 
 
-def _may_stop(theta: Tensor, res: Tensor, order: Tensor, k: int, m: int, tol: float, scale: float) -> bool:
+def _may_stop(theta: Tensor, res: Tensor, order: Tensor, k: int, m: int, m_max: int, restarts: int,
+              tol: float, scale: float) -> bool:
     """The cluster guard, once the wanted pairs have converged. Where the wanted Ritz values and
     the next one are separated by gaps of at least ``CLUSTER * scale``, stop: nothing hides
     between them. Where two are closer (a cluster), a small Krylov space can hold converged pairs
     yet miss a member of the cluster entirely (its start component is small), so stop only once
-    the basis holds ``max(2k, 20) + 10`` vectors, as ARPACK fills its basis first, and the
-    unwanted Ritz values within ``CLUSTER * scale`` of the last wanted one have converged too."""
+    the basis holds ``max(2k, 20) + 10`` vectors (at most the whole basis, ``m_max``), as ARPACK
+    fills its basis first, and the unwanted Ritz values within ``CLUSTER * scale`` of the last
+    wanted one have converged too, or two thick restarts have passed (an edge inside a continuum
+    of eigenvalues cannot be resolved at any cost: the wanted values are then within 2% of it)."""
     seq = theta[order[: k + 1]]
     if len(seq) < 2 or bool(((seq[1:] - seq[:-1]).abs() >= CLUSTER * scale).all()):
         return True
     edge = theta[order[k - 1]]
     near = order[k:][(theta[order[k:]] - edge).abs() <= CLUSTER * scale]
-    return m >= max(2 * k, 20) + 10 and bool((res[near] <= tol * scale).all())
+    resolved = bool((res[near] <= tol * scale).all()) or restarts >= 2
+    return m >= min(max(2 * k, 20) + 10, m_max) and resolved
 
 
 def _next_block(W: Tensor, V: Tensor, gen: torch.Generator, small: float) -> tuple[Tensor, Tensor]:

@@ -150,14 +150,21 @@ class HessianOperator(CurvatureOperator):
         k = V[0].shape[0]
         with torch.enable_grad():
             params = {n: p.requires_grad_(True) for n, p in self.space.detached().items()}
+            plist = list(params.values())
             out = self.risk.function()(params, x)
             loss = self.risk.loss(out, y)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-            outs = [
-                torch.autograd.grad(grads, list(params.values()), [v[j] for v in V], retain_graph=j < k - 1)
-                for j in range(k)
-            ]
-        return ([torch.stack([o[i] for o in outs]) for i in range(len(V))], loss.detach(),
+            # parameters the loss does not reach (an unused module) or reaches linearly have a zero
+            # gradient or a gradient without a graph: their rows of H are zero
+            grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
+            live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            rows: list[list[Tensor]] = [[torch.zeros_like(v[0]) for v in V] for _ in range(k)]
+            for j in range(k):
+                if not live:
+                    break
+                hv = torch.autograd.grad([grads[i] for i in live], plist, [V[i][j] for i in live],
+                                         retain_graph=j < k - 1, allow_unused=True)
+                rows[j] = [h if h is not None else torch.zeros_like(p) for h, p in zip(hv, plist)]
+        return ([torch.stack([r[i] for r in rows]) for i in range(len(V))], loss.detach(),
                 self.risk.weight(out, y))
 
 
