@@ -185,3 +185,40 @@ def test_bad_input_is_one_line_exit_2(bad_runs, case):
 def test_debug_shows_the_traceback(bad_runs):
     rc, _, err, _ = bad_runs["debug"]
     assert rc != 0 and "Traceback" in err and "unknown loss" in err
+
+
+DICT_MODULE = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, features, scale):
+        return self.b(torch.tanh(self.a(features * scale)))
+
+def build_model():
+    torch.manual_seed(0)
+    return Net()
+
+def build_data():
+    g = torch.Generator().manual_seed(0)
+    return [({"features": torch.randn(16, 4, generator=g), "scale": torch.ones(16, 1)},
+             torch.randint(0, 3, (16,), generator=g)) for _ in range(2)]
+"""
+
+
+def test_dict_input_batches(tmp_path):
+    """Regression: a transformers-style batch (a dict of inputs, passed as keyword arguments) went
+    through the Python API but the CLI's move to the device called .to on the dict."""
+    (tmp_path / "dictnet.py").write_text(textwrap.dedent(DICT_MODULE))
+    out = tmp_path / "report"
+    proc = subprocess.run(_cmd() + ["analyze", "--model", f"{tmp_path}/dictnet.py:build_model", "--data",
+                                    f"{tmp_path}/dictnet.py:build_data", "--fast", "--quiet", "--k", "3",
+                                    "--dtype", "float64", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["data"]["examples"] == 32 and doc["hessian"]["converged"]

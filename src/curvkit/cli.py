@@ -385,10 +385,15 @@ def _data(spec: str, limit: int | None, debug: bool) -> list:
 
 
 def _move(batch, device: str, dtype) -> tuple:
+    """The batch on ``device``, floating tensors in ``dtype``; inputs may be a nest of dicts, tuples
+    and lists of tensors (a transformers-style batch)."""
+    from .model.data import map_tensors
+
+    def move(t):
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
     x, y = batch
-    x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
-    y = y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)
-    return x, y
+    return map_tensors(move, x), move(y)
 
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first object of a torch.save file in the pre-zip format

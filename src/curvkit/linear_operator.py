@@ -143,12 +143,13 @@ class LinearOperator:
         this operator (a block for ``matmat``)."""
         from scipy.sparse.linalg import LinearOperator as ScipyOperator
 
-        np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
+        dt = torch.float32 if self.dtype in _HALF else self.dtype  # numpy has no bf16; products are float32
+        np_dtype = torch.empty(0, dtype=dt).numpy().dtype
 
         def wrap(fn: Callable[[Tensor], Tensor]) -> Callable[[np.ndarray], np.ndarray]:
             def mm(X: np.ndarray) -> np.ndarray:
-                V = torch.as_tensor(np.ascontiguousarray(X), dtype=self.dtype, device=self.device)
-                return fn(V).detach().cpu().numpy()
+                V = torch.as_tensor(np.ascontiguousarray(X), dtype=dt, device=self.device)
+                return fn(V).detach().to(dt).cpu().numpy()
             return mm
 
         mv, rmv = wrap(self.__matmul__), wrap(self.rmatmat)
@@ -292,10 +293,12 @@ class FunctionOperator(LinearOperator):
         self.is_symmetric = bool(symmetric) and self.shape[0] == self.shape[1]
 
     def _matmat(self, V: Tensor) -> Tensor:
-        return self._fn(V)
+        return self._fn(V if V.dtype == self.dtype else V.to(self.dtype))  # the function sees its own dtype
 
     def _rmatmat(self, V: Tensor) -> Tensor:
-        return self._rfn(V) if self._rfn is not None else super()._rmatmat(V)
+        if self._rfn is None:
+            return super()._rmatmat(V)
+        return self._rfn(V if V.dtype == self.dtype else V.to(self.dtype))
 
 
 class BlockDiagonalOperator(LinearOperator, Mapping):

@@ -52,3 +52,16 @@ def test_split_batch_cuts_every_input_tensor():
     assert [len(y) for _, y in pieces] == [2, 2, 1]
     assert pieces[2][0]["b"][1] == "keep" and pieces[1][0]["a"].shape == (2, 2)
     assert torch.equal(torch.cat([p[0]["b"][0] for p in pieces]), x["b"][0])
+
+
+def test_to_scipy_of_a_bf16_operator_is_float32():
+    """Regression: numpy has no bf16, and to_scipy() of a bf16 model's operator raised a raw TypeError."""
+    import numpy as np
+
+    import curvkit as ck
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    H = ck.hessian(model, torch.nn.CrossEntropyLoss(), (torch.randn(4, 3).to(torch.bfloat16), torch.randint(0, 2, (4,))))
+    S = H.to_scipy()
+    assert S.dtype == np.float32 and S.matvec(np.ones(8, dtype=np.float32)).shape == (8,)

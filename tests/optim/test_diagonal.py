@@ -225,3 +225,25 @@ def test_foreach_path_equals_the_per_tensor_path(kind, dtype):
     tol = 1e-13 if dtype == torch.float64 else 1e-5
     for a, b in zip(*runs):
         assert torch.allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_a_frozen_parameter_does_not_force_a_refresh_every_step(monkeypatch):
+    """Regression: a frozen parameter never gets state, and "no state yet" made its group refresh
+    the Hessian diagonal on every step, whatever `every` said."""
+    import curvkit.optim._diag as diag_opt
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model[2].bias.requires_grad_(False)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    opt = AdaHessian(model.parameters(), lr=0.01, every=5, seed=0)
+    calls, real = [], diag_opt.hutchinson_samples
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(diag_opt, "hutchinson_samples", counted)
+    for _ in range(10):
+        opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+    assert len(calls) == 2  # steps 0 and 5

@@ -54,7 +54,10 @@ class KFACOperator(CurvatureOperator):
     which takes ``c = 1/N``.
 
     ``.factors``: ``{layer: (A, G)}``; ``.inverse(damping)``: the operator
-    ``(K + damping I)^{-1}``, exact per block via eigendecompositions of ``A`` and ``G``.
+    ``(K + damping I)^{-1}``, exact per block via eigendecompositions of ``A`` and ``G``. Unlike the
+    exact operators, the factors are a snapshot of the weights at construction (build a new
+    ``ck.kfac`` after training steps); ``blocks()`` reuses them (no pass over the data for the
+    factors, one forward on the first batch per block to check it).
 
     Cost to build: one pass over the data; per batch one forward and ``m`` backward passes
     batched into one vmapped backward (type-2: ``m`` = per-example output size, e.g. the number
@@ -222,11 +225,6 @@ class KFACOperator(CurvatureOperator):
         if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not 0 < damping < math.inf:
             raise ArgumentError(f"damping must be a finite number > 0, got {damping!r}")
         return KFACInverse(self, float(damping))
-
-    def blocks(self, by: Literal["layer", "param"] = "layer") -> BlockDiagonalOperator:
-        """Diagonal blocks (per layer or per parameter) sharing this operator's factors (free:
-        no pass over the data)."""
-        return super().blocks(by)
 
 
 class KFACInverse(LinearOperator):

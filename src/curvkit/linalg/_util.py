@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, NonFiniteError, ShapeError
-from ..linear_operator import BlockDiagonalOperator
+from ..linear_operator import BlockDiagonalOperator, LinearOperator
 from ..seeding import generator
 
 __all__ = ["check_square", "check_symmetric", "generator", "rademacher", "gaussian", "work_dtype", "apply",
@@ -75,7 +75,10 @@ def apply(A: Any, V: Tensor, what: str = "product") -> Tensor:
     """``A @ V`` with a finiteness check (algorithms stop on a NaN rather than return garbage),
     in ``V``'s dtype: a half-precision operator multiplies a cast of ``V`` and its result is cast
     back, so an algorithm can run in :func:`work_dtype` on any operator."""
-    out = A @ (V if V.dtype == A.dtype else V.to(A.dtype))
+    # a half-precision LinearOperator takes float32 vectors itself (K-FAC then keeps their precision);
+    # a plain tensor or foreign operator gets its own dtype
+    takes = V.dtype == A.dtype or (isinstance(A, LinearOperator) and V.dtype == torch.float32)
+    out = A @ (V if takes else V.to(A.dtype))
     if not isinstance(out, Tensor) or out.shape != V.shape:
         raise ShapeError(
             f"the operator returned {getattr(out, 'shape', type(out))} for an input of shape "

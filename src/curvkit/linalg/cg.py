@@ -167,6 +167,7 @@ class InverseOperator(LinearOperator):
             raise ArgumentError(f"damping must be >= 0, got {damping}")
         self.A, self.damping, self.tol, self.max_matvecs = A, float(damping), tol, max_matvecs
         self.shape, self.dtype, self.device = tuple(A.shape), A.dtype, A.device
+        self.exact_products = False  # each product carries CG's error (up to tol): check residuals directly
         self.last: SolveResult | None = None
 
     def _matmat(self, V: Tensor) -> Tensor:

@@ -117,21 +117,22 @@ def tensors_of(x: Any) -> list[Tensor]:
     return []
 
 
+def map_tensors(fn: Any, x: Any) -> Any:
+    """``fn`` applied to every tensor of a nest of tuples, lists and dicts (other leaves kept)."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return type(x)((k, map_tensors(fn, v)) for k, v in x.items())
+    if isinstance(x, (tuple, list)):
+        return type(x)(map_tensors(fn, v) for v in x)
+    return x
+
+
 def split_batch(x: Any, y: Tensor, size: int) -> list[tuple[Any, Tensor]]:
     """Consecutive micro-batches of at most ``size`` examples, cutting every tensor of the
     inputs along its first dimension (non-tensor leaves are shared). Views: no copy."""
     n = int(y.shape[0])
-    return [(_slice(x, i, i + size), y[i : i + size]) for i in range(0, n, size)]
-
-
-def _slice(x: Any, a: int, b: int) -> Any:
-    if isinstance(x, Tensor):
-        return x[a:b]
-    if isinstance(x, dict):
-        return type(x)((k, _slice(v, a, b)) for k, v in x.items())
-    if isinstance(x, (tuple, list)):
-        return type(x)(_slice(v, a, b) for v in x)
-    return x
+    return [(map_tensors(lambda t, i=i: t[i : i + size], x), y[i : i + size]) for i in range(0, n, size)]
 
 
 def batch_size(x: Any, y: Tensor, i: int) -> int:

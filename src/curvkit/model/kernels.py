@@ -30,6 +30,11 @@ _FUSED = re.compile(
 )
 
 
+def is_rnn_op(op: str) -> bool:
+    """Whether a fused op (as :func:`fused_op` names it) is a cuDNN/mkldnn/MIOpen RNN kernel."""
+    return "rnn" in op or "lstm" in op or "gru" in op
+
+
 def fused_op(e: BaseException) -> str | None:
     """The fused op an autograd error names (e.g. ``_scaled_dot_product_flash_attention_for_cpu``),
     or None when the error is about something else."""
@@ -40,18 +45,20 @@ def fused_op(e: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def differentiable_kernels() -> Iterator[None]:
+def differentiable_kernels(rnn: bool = True) -> Iterator[None]:
     """Run the model on kernels that have double backward and forward-mode AD: SDPA's math
-    backend, the MHA/transformer fast paths off, mkldnn and cuDNN off (RNNs), and
-    ``F.embedding_bag`` as an embedding lookup plus reduction. Restores everything on exit."""
+    backend, the MHA/transformer fast paths off, ``F.embedding_bag`` as an embedding lookup plus
+    reduction, and with ``rnn`` mkldnn and cuDNN off (native RNN cells; this also takes cuDNN from
+    convolutions, so the data loop asks for it only when an RNN kernel was met). Restores
+    everything on exit. Cost: the composite paths' (math attention is O(T^2) memory per head)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     fast, bag = torch.backends.mha.get_fastpath_enabled(), F.embedding_bag
     mkldnn, cudnn = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
     torch.backends.mha.set_fastpath_enabled(False)
     F.embedding_bag = _embedding_bag  # nn.EmbeddingBag.forward looks it up on each call
-    # the flags themselves, not their context managers, which also reset TF32 settings (and warn)
-    torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = False
+    if rnn:  # the flags themselves, not their context managers, which also reset TF32 settings (and warn)
+        torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = False
     try:
         with sdpa_kernel([SDPBackend.MATH]):
             yield
@@ -106,4 +113,4 @@ def _embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
     return torch.stack(out) if out else weight.new_zeros(0, weight.shape[1])
 
 
-__all__ = ["differentiable_kernels", "fused_op"]
+__all__ = ["differentiable_kernels", "fused_op", "is_rnn_op"]

@@ -37,7 +37,7 @@ from torch.func import functional_call
 from ..errors import (ArgumentError, CurvkitError, DataError, FallbackWarning, LossError, ModelError,
                       NonFiniteError, ShapeError, TooLargeError)
 from .data import Batches, split_batch, tensors_of
-from .kernels import differentiable_kernels, fused_op
+from .kernels import differentiable_kernels, fused_op, is_rnn_op
 from .losses import LossSpec, loss_spec
 from .params import ParamSpace, ParamSpec
 
@@ -114,7 +114,7 @@ class Risk:
         model = _unwrap(model)
         self.model, self.loss_fn, self.mode, self.output = model, loss_fn, mode, output
         self.max_batch = max_batch
-        self.safe_kernels = False  # set when a fused kernel without second derivatives was met
+        self.safe_kernels: set[str] = set()  # fused ops without second derivatives met so far
         self._stream: tuple[int, int, torch.Generator] | None = None  # (seed, key, generator) of this pass
         self.space = space if space is not None else ParamSpace(model, params)
         if mode == "train":
@@ -139,7 +139,8 @@ class Risk:
         frozen = {n: p.detach() for n, p in self.model.named_parameters() if n not in chosen}
         buffers = dict(self.model.named_buffers())
         train, model, pick = self.mode == "train", self.model, self.pick
-        safe = differentiable_kernels if self.safe_kernels else contextlib.nullcontext
+        met = set(self.safe_kernels)
+        safe = (lambda: differentiable_kernels(rnn=any(is_rnn_op(o) for o in met))) if met else contextlib.nullcontext
 
         def f(params: dict[str, Tensor], x: Any) -> Any:
             # BatchNorm in train mode updates running stats in place: on fresh copies made inside
@@ -280,17 +281,18 @@ class Risk:
             pass
         except (RuntimeError, NotImplementedError) as e:
             op = fused_op(e)
-            if op is None or self.safe_kernels:
-                raise
-            self.safe_kernels = True  # every later pass too: the same model, the same kernels
+            kind = None if op is None else ("rnn" if is_rnn_op(op) else "other")
+            if op is None or kind in {"rnn" if is_rnn_op(o) else "other" for o in self.safe_kernels}:
+                raise  # not a fused kernel, or one the differentiable kernels already replace
+            self.safe_kernels.add(op)  # every later pass too: the same model, the same kernels
+            what = ("cuDNN/mkldnn off for the RNNs (native cells)" if kind == "rnn" else
+                    "the math attention backend, the MHA/transformer fast path off, embedding_bag as lookup + reduction")
             warnings.warn(
                 f"{op} has no second derivative (or no forward-mode AD), which curvature needs; from now on "
-                "this model runs on differentiable kernels (the math attention backend, the MHA/transformer "
-                "fast path off, mkldnn/cuDNN RNNs off, embedding_bag as lookup + reduction): the same "
-                "function, at the math path's cost",
+                f"this model runs on differentiable kernels ({what}): the same function, at that path's cost",
                 FallbackWarning, stacklevel=4,
             )
-            return fn(x, y, key)
+            return self._fit(fn, x, y, key, i)
         b = int(y.shape[0])
         if b == 1:
             raise TooLargeError(
@@ -309,7 +311,7 @@ class Risk:
         weight: Any = 0.0
         for xs, ys in split_batch(x, y, self.max_batch):
             parts, l_, w = self._fit(fn, xs, ys, key, i)
-            total = parts if total is None else [t + p for t, p in zip(total, parts)]
+            total = [p.to(_acc(p.dtype)) for p in parts] if total is None else [t + p for t, p in zip(total, parts)]
             loss, weight = loss + l_.detach() * w, weight + w
         return total, loss / weight, weight
 
@@ -370,6 +372,8 @@ class Risk:
         """One forward on the first batch: the loss must be a scalar tensor. Returns that batch's
         (detached) outputs, targets and loss (whose finiteness the caller checks, knowing the terms)."""
         x, y = self.batches.first()
+        if self.max_batch is not None and y.shape[0] > self.max_batch:  # what one pass would see at once
+            x, y = split_batch(x, y, self.max_batch)[0]
         dev = self.space.device
         for t in tensors_of(x) + [y]:
             if t.device.type != dev.type:
@@ -383,6 +387,11 @@ class Risk:
             except ModelError:
                 raise
             except (TypeError, ValueError, RuntimeError, IndexError) as e:
+                if isinstance(e, _OOM):
+                    raise TooLargeError(
+                        f"batch 0 ({int(y.shape[0])} examples) does not fit in device memory even for a "
+                        f"forward pass; pass max_batch={max(1, int(y.shape[0]) // 2)} (or smaller)"
+                    ) from None
                 raise ModelError(
                     f"the model raised {type(e).__name__} on the inputs of batch 0: {e}. Check that "
                     "model(inputs) runs on each batch's inputs as given (a dict of inputs is passed as "

@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..model.kernels import fused_op
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 BatchFn = Callable[[Any, Tensor, list[Tensor], int], tuple[list[Tensor], Tensor, Any]]
 
 
@@ -66,8 +69,12 @@ class GraphCache:
         if graph is None:
             try:
                 graph = _Captured(fn, x, y, V, index)
-            except RuntimeError:  # an op that cannot be captured: stay eager from now on
-                self.failed = True
+            except RuntimeError as e:
+                # out of memory, or a fused kernel without second derivatives: not a reason to give up
+                # graphs; the data loop handles both (micro-batches, differentiable kernels)
+                if isinstance(e, _OOM) or fused_op(e) is not None:
+                    raise
+                self.failed = True  # an op that cannot be captured: stay eager from now on
                 torch.cuda.synchronize()
                 return fn(x, y, V, index)
             self.graphs[key] = graph

@@ -227,7 +227,8 @@ class DiagonalOptimizer(CurvkitOptimizer):
         if not params:
             raise ModelError("no parameter of this optimizer requires grad; nothing to train")
         # a group also refreshes when it has no estimate yet (added by add_param_group mid-run)
-        due = [refresh_due(self._steps, g["every"]) or any(not self.state.get(p) for p in g["params"])
+        # (only its trainable parameters: a frozen one never gets state and would refresh every step)
+        due = [refresh_due(self._steps, g["every"]) or any(not self.state.get(p) for p in g["params"] if p.requires_grad)
                for g in self.param_groups]
         est = [self._estimator(g) for g in self.param_groups]
         hutch = any(d and e == "hutchinson" for d, e in zip(due, est))
