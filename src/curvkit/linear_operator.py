@@ -134,6 +134,10 @@ class LinearOperator:
         return ScaledOperator(self, -1.0)
 
     def __truediv__(self, c: float) -> LinearOperator:
+        if isinstance(c, Tensor) and c.numel() == 1:
+            c = c.item()
+        if not isinstance(c, (int, float)) or isinstance(c, bool) or c == 0:
+            raise ArgumentError(f"an operator can be divided by a nonzero number only, got {c!r}")
         return ScaledOperator(self, 1.0 / float(c))
 
     # conversions ------------------------------------------------------------------------

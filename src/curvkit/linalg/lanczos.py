@@ -152,8 +152,8 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, in
             f"k must be an integer with 1 <= k < n = {n}, got {k!r}; for all eigenvalues of a small "
             "operator use torch.linalg.eigvalsh(A.dense())"
         )
-    if tol <= 0:
-        raise ArgumentError(f"tol must be positive, got {tol}")
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
+        raise ArgumentError(f"tol must be a positive number, got {tol!r}")
     wd, dev = work_dtype(A.dtype), A.device
     gen = generator(seed)
     V0 = _start_block(init, n, block_size, gen, wd, dev)
