@@ -30,6 +30,9 @@ _FUSED = re.compile(
 )
 
 
+OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: only the cuda name
+
+
 def is_rnn_op(op: str) -> bool:
     """Whether a fused op (as :func:`fused_op` names it) is a cuDNN/mkldnn/MIOpen RNN kernel."""
     return "rnn" in op or "lstm" in op or "gru" in op
@@ -113,4 +116,4 @@ def _embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
     return torch.stack(out) if out else weight.new_zeros(0, weight.shape[1])
 
 
-__all__ = ["differentiable_kernels", "fused_op", "is_rnn_op"]
+__all__ = ["differentiable_kernels", "fused_op", "is_rnn_op", "OutOfMemory"]

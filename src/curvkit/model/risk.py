@@ -37,12 +37,11 @@ from torch.func import functional_call
 from ..errors import (ArgumentError, CurvkitError, DataError, FallbackWarning, LossError, ModelError,
                       NonFiniteError, ShapeError, TooLargeError)
 from .data import Batches, split_batch, tensors_of
-from .kernels import differentiable_kernels, fused_op, is_rnn_op
+from .kernels import OutOfMemory, differentiable_kernels, fused_op, is_rnn_op
 from .losses import LossSpec, loss_spec
 from .params import ParamSpace, ParamSpec
 
 Mode = Literal["eval", "train"]
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 Output = "str | int | Callable[[Any], Tensor] | None"
 # (per-batch sums already weighted, the batch's loss, its weight)
 BatchFn = Callable[[Any, Tensor, int], tuple[list[Tensor], Tensor, Any]]
@@ -277,7 +276,7 @@ class Risk:
         (then every later batch is cut to that size: ``max_batch``), with a warning."""
         try:
             return fn(x, y, key)
-        except _OOM:
+        except OutOfMemory:
             pass
         except (RuntimeError, NotImplementedError) as e:
             op = fused_op(e)
@@ -387,7 +386,7 @@ class Risk:
             except ModelError:
                 raise
             except (TypeError, ValueError, RuntimeError, IndexError) as e:
-                if isinstance(e, _OOM):
+                if isinstance(e, OutOfMemory):
                     raise TooLargeError(
                         f"batch 0 ({int(y.shape[0])} examples) does not fit in device memory even for a "
                         f"forward pass; pass max_batch={max(1, int(y.shape[0]) // 2)} (or smaller)"

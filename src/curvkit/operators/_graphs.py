@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..model.kernels import fused_op
+from ..model.kernels import OutOfMemory, fused_op
 
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 BatchFn = Callable[[Any, Tensor, list[Tensor], int], tuple[list[Tensor], Tensor, Any]]
 
 
@@ -72,7 +71,7 @@ class GraphCache:
             except RuntimeError as e:
                 # out of memory, or a fused kernel without second derivatives: not a reason to give up
                 # graphs; the data loop handles both (micro-batches, differentiable kernels)
-                if isinstance(e, _OOM) or fused_op(e) is not None:
+                if isinstance(e, OutOfMemory) or fused_op(e) is not None:
                     raise
                 self.failed = True  # an op that cannot be captured: stay eager from now on
                 torch.cuda.synchronize()

@@ -16,12 +16,10 @@ from torch import Tensor, nn
 from ..errors import ArgumentError
 from ..linear_operator import BlockDiagonalOperator, LinearOperator
 from ..model import layers as find_layers
-from ..model.kernels import fused_op
+from ..model.kernels import OutOfMemory, fused_op
 from ..model.params import ParamSpec
 from ..model.risk import Mode, Risk
 from ._graphs import GraphCache
-
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 def transform_failed(e: BaseException) -> bool:
@@ -29,7 +27,7 @@ def transform_failed(e: BaseException) -> bool:
     opposed to running out of memory or meeting a fused kernel without second derivatives, which
     are never reasons to change method: the data loop micro-batches, or re-runs the model on
     differentiable kernels (:class:`curvkit.model.Risk`)."""
-    return isinstance(e, (RuntimeError, NotImplementedError)) and not isinstance(e, _OOM) and fused_op(e) is None
+    return isinstance(e, (RuntimeError, NotImplementedError)) and not isinstance(e, OutOfMemory) and fused_op(e) is None
 
 
 class CurvatureOperator(LinearOperator):
