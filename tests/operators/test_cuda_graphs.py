@@ -40,3 +40,34 @@ def test_graph_follows_parameter_updates_and_reallocation():
     ref = ck.hessian(model, loss_fn, data, cuda_graphs=False)
     torch.testing.assert_close(H @ V, ref @ V, rtol=1e-5, atol=1e-6)
 
+
+
+@needs_cuda
+@pytest.mark.parametrize("k", [1, 3])
+def test_auto_measures_both_methods_on_a_slice_and_gives_the_same_matrix(k):
+    model, loss_fn, data = _setup()
+    H = ck.hessian(model, loss_fn, data)  # method="auto"
+    ref = ck.hessian(model, loss_fn, data, method="double-backward", cuda_graphs=False)
+    V = torch.randn(H.shape[0], k, device="cuda")
+    torch.testing.assert_close(H @ V, ref @ V, rtol=1e-5, atol=1e-6)
+    c = H.choice
+    assert c["chosen"] in ("double-backward", "forward-over-reverse")
+    # measured on a slice of the first batch (16 examples: a quarter), not on the whole batch
+    assert c["double-backward"]["examples"] == 4 and c["forward-over-reverse"]["examples"] == 4
+    assert c["double-backward"]["peak_bytes"] > 0 and c["forward-over-reverse"]["seconds"] > 0
+
+
+@needs_cuda
+def test_lanczos_basis_in_host_memory_gives_the_device_result(monkeypatch):
+    from curvkit.linalg import _basis
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    X = torch.randn(3000, 400, device="cuda", dtype=torch.float64, generator=g)
+    A = X.T @ X / 3000
+    on_device = ck.eigenvalues(A, k=3, tol=1e-8, basis_size=12)  # restarts: the host path of restart too
+    monkeypatch.setattr(_basis, "DEVICE_SHARE", 400 * 8 * 5 / torch.cuda.get_device_properties(0).total_memory)
+    hybrid = ck.eigenvalues(A, k=3, tol=1e-8, basis_size=12)  # 5 vectors on the device, the rest pinned
+    exact = torch.linalg.eigvalsh(A).flip(0)[:3]
+    torch.testing.assert_close(on_device.values, exact, rtol=1e-10, atol=0)
+    torch.testing.assert_close(hybrid.values, exact, rtol=1e-10, atol=0)
+    assert hybrid.vectors.device.type == "cuda" and hybrid.converged

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..progress import progress as progress_bar
 from ..errors import ArgumentError, ConvergenceWarning, ShapeError
+from ._basis import Basis
 from ._util import apply, check_square, check_symmetric, gaussian, generator, operator_blocks, work_dtype
 from .results import BlockResults, EigenResult
 
@@ -65,10 +66,13 @@ def eigenvalues(
 
     Cost: at most ``max_matvecs`` operator products (default ``max(1000, 50 * basis_size)``),
     counted as columns: one block product of ``b`` columns counts ``b``; typically a few times
-    ``k`` (plus ``k`` for the direct check where it runs). Memory: up to ``basis_size +
-    block_size`` vectors of length n in the working dtype, on the operator's device (for top-1,
-    about ``basis_size = 20`` vectors at most, usually far fewer are filled). If ``basis_size +
-    block_size >= n`` the operator is small: it is formed densely with ``n`` products and solved
+    ``k`` (plus ``k`` for the direct check where it runs, rounded up to whole blocks on CUDA so
+    that a CUDA-graphed operator replays its graph). Memory: the vectors the run produces, at
+    most ``basis_size + block_size`` of length n in the working dtype (top-1: 30 at most, often
+    under 10); they stay on the operator's device while they take under 10% of its memory (and
+    half of what is free), the rest in pinned host memory, copied back a block at a time (a 700M
+    model's vector is 2.8 GB: a full basis on the GPU would crowd out the products). If
+    ``basis_size + block_size >= n`` the operator is small: it is formed densely with ``n`` products and solved
     exactly. A budget that runs out returns ``converged=False`` with a
     :class:`~curvkit.errors.ConvergenceWarning`, the residuals saying how far it got.
 
@@ -169,31 +173,28 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, in
         raise ArgumentError(f"max_matvecs={budget} is below one block of {b} products")
 
     eps = torch.finfo(wd).eps
-    V = torch.empty(n, m_max + b, dtype=wd, device=dev)
+    V = Basis(n, wd, dev)  # only the vectors produced are allocated; on the device while they fit
+    V.append(V0)
+    pending = V0  # the block to multiply next (its copy is the basis' last block)
     H = torch.zeros(m_max, m_max, dtype=_F64)
-    V[:, :b] = V0
-    m, matvecs, steps, restarts = 0, 0, 0, 0  # V[:, :m] multiplied; V[:, m:m+b] the pending block
+    m, matvecs, steps, restarts = 0, 0, 0, 0  # basis columns multiplied so far
     p = min(m_max - b, k + (m_max - k) // 2)  # Ritz vectors kept at a restart
     p -= (p - k) % b if p > k else 0
     bar = progress_bar(total=budget, desc="eigenvalues", enabled=progress)
     try:
         while True:
-            W = apply(A, V[:, m : m + b], "Lanczos product")
+            W = apply(A, pending, "Lanczos product")
             matvecs, steps = matvecs + b, steps + 1
             bar.update(b)
             cur = m + b
-            Vc = V[:, :cur]
-            C = Vc.T @ W  # full reorthogonalization, twice ("twice is enough")
-            W -= Vc @ C
-            C2 = Vc.T @ W
-            W -= Vc @ C2
-            C = (C + C2).to(device="cpu", dtype=_F64)
+            C = V.orthogonalize(W)  # full reorthogonalization against every basis vector, twice
             H[:cur, m:cur] = C
             H[m:cur, :cur] = C.T
             m = cur
             theta, S = torch.linalg.eigh((H[:m, :m] + H[:m, :m].T) / 2)
             anorm = float(theta.abs().max())
-            Qn, B = _next_block(W, Vc, gen, 100 * eps * max(anorm, 1e-300))
+            Qn, B = _next_block(W, V, gen, 100 * eps * max(anorm, 1e-300))
+            del W
             res = (B @ S[m - b : m]).norm(dim=0)  # ||A V s - theta V s|| = ||R s_last||
             order = _order(theta, which)
             want = order[:k]
@@ -207,20 +208,22 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, in
                 break
             if m + b > m_max:  # thick restart: keep the best p Ritz vectors, then Qn
                 keep = order[:p]
-                V[:, :p] = V[:, :m] @ S[:, keep].to(device=dev, dtype=wd)
+                V.restart(S[:, keep], chunk=b)
                 H.zero_()
                 H[:p, :p] = torch.diag(theta[keep])
                 m, restarts = p, restarts + 1
-            V[:, m : m + b] = Qn
+            V.append(Qn)
+            pending = Qn
     finally:
         bar.close()
 
     want = order[: min(k, m)]
-    vectors = V[:, :m] @ S[:, want].to(device=dev, dtype=wd)
+    vectors = V.combine(S[:, want])
+    del V, pending
     values, residuals = theta[want].to(device=dev, dtype=wd), res[want].to(device=dev, dtype=wd)
     if _inexact_products(A):  # one direct product: the relation cannot see the products' rounding
-        AV = apply(A, vectors, "residual check product")
-        matvecs += vectors.shape[1]
+        AV, cols = _direct(A, vectors, b)
+        matvecs += cols
         residuals = (AV - vectors * values).norm(dim=0)
         rel = float(residuals.max()) / scale
     converged = m >= k and rel <= tol
@@ -233,6 +236,22 @@ def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, in
         )
     return EigenResult(values=values, vectors=vectors, residuals=residuals, matvecs=matvecs,
                        converged=converged, iterations=steps)
+
+
+def _direct(A: Any, vectors: Tensor, b: int) -> tuple[Tensor, int]:
+    """``A @ vectors`` and the columns it cost. On CUDA in products of the run's own block size
+    ``b`` (padded with zero columns): an operator that captured a CUDA graph per block size replays
+    it instead of capturing a new one (a capture costs more than the padding)."""
+    k = vectors.shape[1]
+    if torch.device(A.device).type != "cuda" or k == b:
+        return apply(A, vectors, "residual check product"), k
+    outs = []
+    for j in range(0, k, b):
+        block = vectors[:, j : j + b]
+        if block.shape[1] < b:
+            block = torch.cat([block, block.new_zeros(block.shape[0], b - block.shape[1])], dim=1)
+        outs.append(apply(A, block, "residual check product")[:, : min(b, k - j)])
+    return torch.cat(outs, dim=1), b * len(outs)
 
 
 def _may_stop(theta: Tensor, res: Tensor, order: Tensor, k: int, m: int, m_max: int, restarts: int,
@@ -254,7 +273,7 @@ def _may_stop(theta: Tensor, res: Tensor, order: Tensor, k: int, m: int, m_max: 
     return m >= min(max(2 * k, 20) + 10, m_max) and resolved
 
 
-def _next_block(W: Tensor, V: Tensor, gen: torch.Generator, small: float) -> tuple[Tensor, Tensor]:
+def _next_block(W: Tensor, V: Basis, gen: torch.Generator, small: float) -> tuple[Tensor, Tensor]:
     """Orthonormal ``Qn`` and ``B`` (float64, b x b) with ``W = Qn B``, ``Qn`` orthogonal to ``V``.
 
     Directions where ``W`` is (numerically) rank deficient — an invariant subspace was found —
@@ -269,8 +288,7 @@ def _next_block(W: Tensor, V: Tensor, gen: torch.Generator, small: float) -> tup
     if bad.any():
         Qn[:, bad] = gaussian(W.shape[0], int(bad.sum()), gen, W.dtype, W.device)
         B[bad] = 0
-    for _ in range(2):  # small singular values amplify rounding: orthogonalize against V again
-        Qn -= V @ (V.T @ Qn)
+    V.orthogonalize(Qn)  # small singular values amplify rounding: orthogonalize against V again
     Qn, R2 = torch.linalg.qr(Qn)
     return Qn, R2.to(device="cpu", dtype=_F64) @ B
 

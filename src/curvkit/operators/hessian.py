@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, jvp, vmap
 
 from ..errors import ArgumentError
+from ..model.data import split_batch
+from ..model.kernels import OutOfMemory, fused_op
 from ..model.params import ParamSpec
 from ..model.risk import Mode
 from .base import CurvatureOperator, transform_failed
@@ -67,47 +69,62 @@ class HessianOperator(CurvatureOperator):
     def _choose(self, V: Tensor) -> None:
         """Pick the product method (see the class docstring). On the CPU, double backward: it has no
         transform overhead and was faster on every model measured (BENCHMARKS.md), and a fixed
-        choice keeps same-seed results bit-identical. On CUDA, run the first batch's product both
-        ways, timed, with its peak memory, and keep the better (double backward is timed on one probe
-        and scaled by the k probes: it runs one backward per probe). Cost on CUDA: about two extra
-        products of one batch, once (the forward-over-reverse warm-up is the graph capture it needs
-        anyway)."""
+        choice keeps same-seed results bit-identical. On CUDA, run both on a slice of the first
+        batch (a quarter of it, after a warm-up on two examples), timed, with their peak memory,
+        and keep the better (double backward is timed on one probe and scaled by the k probes: it
+        runs one backward per probe). Forward-over-reverse runs eagerly here (no CUDA graph is
+        captured for a shape no pass uses); its graphs only make it faster. An out-of-memory error
+        in forward-over-reverse decides for double backward. Cost on CUDA: about half a batch
+        product of each method, once."""
         if self.device.type != "cuda":
             self.strategy = "double-backward"
             self.choice = {"chosen": "double-backward", "why": "the CPU: no transform overhead"}
             return
         i, x, y = next(iter(self.risk.pieces()))
-        key = i
-        probes, params = self.space.probes(V), self.space.tensors
+        size = int(y.shape[0])
+        (xw, yw), (xs, ys) = (split_batch(x, y, n)[0] for n in (min(size, 2), max(min(size, 2), size // 4)))
+        probes = self.space.probes(V)
+        one = [p[:1] for p in probes]
 
-        def measure(batch, warm: bool) -> dict:
-            run = lambda: self.risk._fit(batch, x, y, key, i)  # noqa: E731  (OOM and fused-kernel fallbacks)
+        def measure(fn, batch_x, batch_y, halve: bool = True) -> dict:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            if warm:  # forward-over-reverse: the first run captures the CUDA graph (its memory counts)
-                run()
-                torch.cuda.synchronize()
             t0 = time.perf_counter()
-            run()
+            try:
+                fn(batch_x, batch_y, i)
+            except (RuntimeError, NotImplementedError) as e:
+                # a fused kernel: the data loop switches to differentiable ones and re-runs. Out of
+                # memory: double backward halves the batch as a pass would; forward-over-reverse loses
+                if (isinstance(e, OutOfMemory) and not halve) or (not isinstance(e, OutOfMemory) and fused_op(e) is None):
+                    raise
+                self.risk._fit(fn, batch_x, batch_y, i, i)
             torch.cuda.synchronize()
-            return {"seconds": time.perf_counter() - t0, "peak_bytes": torch.cuda.max_memory_allocated() - base}
+            return {"seconds": time.perf_counter() - t0, "peak_bytes": torch.cuda.max_memory_allocated() - base,
+                    "examples": int(batch_y.shape[0])}
 
+        fwd_fn = lambda x_, y_, k_: self._weighted(x_, y_, probes, k_)  # noqa: E731
+        dbl_fn = lambda x_, y_, k_: self._double_backward(x_, y_, one)  # noqa: E731
         with self.risk.in_mode():
-            if self._graphs is not None:
-                fwd = measure(lambda x_, y_, k_: self._graphs(self._weighted, x_, y_, probes, k_, params), True)
-            else:
-                fwd = measure(lambda x_, y_, k_: self._weighted(x_, y_, probes, k_), True)
-            if self.strategy != "vmap":  # the transform could not run this model: nothing to choose
-                self.choice = {"chosen": self.strategy, "why": "forward-over-reverse cannot run this model"}
-                return
-            # once, on one probe: it costs one backward per probe, so k probes cost about k times that
-            one = [p[:1] for p in probes]
-            dbl = measure(lambda x_, y_, k_: self._double_backward(x_, y_, one), False)
+            measure(dbl_fn, xw, yw)  # warm-up: first-call costs (kernel choice, workspaces) out of the timing
+            dbl = measure(dbl_fn, xs, ys)
             dbl["seconds"] *= V.shape[1]
+            try:
+                measure(fwd_fn, xw, yw, halve=False)
+                fwd = measure(fwd_fn, xs, ys, halve=False) if self.strategy != "double-backward" else None
+            except OutOfMemory:
+                torch.cuda.empty_cache()
+                self.strategy, self._graphs = "double-backward", None
+                self.choice = {"double-backward": dbl, "chosen": "double-backward",
+                               "why": "forward-over-reverse ran out of memory on a slice of the first batch"}
+                return
+        if self.strategy == "double-backward":  # the transform could not run this model: nothing to choose
+            self._graphs = None
+            self.choice = {"chosen": "double-backward", "why": "forward-over-reverse cannot run this model"}
+            return
         t_f, t_d = fwd["seconds"], dbl["seconds"]
         if t_d < 0.9 * t_f or (t_d <= 1.1 * t_f and dbl["peak_bytes"] < fwd["peak_bytes"]):
-            self.strategy, self._graphs = "double-backward", None  # the other's graphs go with their memory
+            self.strategy, self._graphs = "double-backward", None
         self.choice = {"forward-over-reverse": fwd, "double-backward": dbl,
                        "chosen": "double-backward" if self.strategy == "double-backward" else "forward-over-reverse"}
 
