@@ -14,6 +14,7 @@ from ..model.data import split_batch
 from ..model.kernels import OutOfMemory, fused_op
 from ..model.params import ParamSpec
 from ..model.risk import Mode
+from ._graphs import GraphCache
 from .base import CurvatureOperator, transform_failed
 
 Method = Literal["auto", "forward-over-reverse", "double-backward"]
@@ -70,12 +71,12 @@ class HessianOperator(CurvatureOperator):
         """Pick the product method (see the class docstring). On the CPU, double backward: it has no
         transform overhead and was faster on every model measured (BENCHMARKS.md), and a fixed
         choice keeps same-seed results bit-identical. On CUDA, run both on a slice of the first
-        batch (a quarter of it, after a warm-up on two examples), timed, with their peak memory,
-        and keep the better (double backward is timed on one probe and scaled by the k probes: it
-        runs one backward per probe). Forward-over-reverse runs eagerly here (no CUDA graph is
-        captured for a shape no pass uses); its graphs only make it faster. An out-of-memory error
-        in forward-over-reverse decides for double backward. Cost on CUDA: about half a batch
-        product of each method, once."""
+        batch (a quarter of it), timed, with their peak memory, and keep the better (double
+        backward is timed on one probe and scaled by the k probes: it runs one backward per
+        probe). Forward-over-reverse is timed as it will run: replayed from a CUDA graph where
+        graphs are on (for small models the graph is most of its speed), captured for the slice
+        and freed after. An out-of-memory error in forward-over-reverse decides for double
+        backward. Cost on CUDA: about one batch product, once."""
         if self.device.type != "cuda":
             self.strategy = "double-backward"
             self.choice = {"chosen": "double-backward", "why": "the CPU: no transform overhead"}
@@ -103,21 +104,32 @@ class HessianOperator(CurvatureOperator):
             return {"seconds": time.perf_counter() - t0, "peak_bytes": torch.cuda.max_memory_allocated() - base,
                     "examples": int(batch_y.shape[0])}
 
-        fwd_fn = lambda x_, y_, k_: self._weighted(x_, y_, probes, k_)  # noqa: E731
         dbl_fn = lambda x_, y_, k_: self._double_backward(x_, y_, one)  # noqa: E731
+        # forward-over-reverse as it will run: replayed from a CUDA graph (captured for the slice on
+        # a cache of its own, freed after) where graphs are on, eagerly after a warm-up otherwise
+        graphs = GraphCache(max_graphs=1) if self._graphs is not None else None
+        if graphs is not None:
+            tensors = self.space.tensors
+            fwd_fn = lambda x_, y_, k_: graphs(self._weighted, x_, y_, probes, k_, tensors)  # noqa: E731
+        else:
+            fwd_fn = lambda x_, y_, k_: self._weighted(x_, y_, probes, k_)  # noqa: E731
         with self.risk.in_mode():
             measure(dbl_fn, xw, yw)  # warm-up: first-call costs (kernel choice, workspaces) out of the timing
             dbl = measure(dbl_fn, xs, ys)
             dbl["seconds"] *= V.shape[1]
             try:
-                measure(fwd_fn, xw, yw, halve=False)
+                first = measure(fwd_fn, *((xs, ys) if graphs is not None else (xw, yw)), halve=False)
                 fwd = measure(fwd_fn, xs, ys, halve=False) if self.strategy != "double-backward" else None
+                if fwd is not None and graphs is not None:  # the capture's memory is the graph's to keep
+                    fwd["peak_bytes"] = max(fwd["peak_bytes"], first["peak_bytes"])
             except OutOfMemory:
+                del graphs
                 torch.cuda.empty_cache()
                 self.strategy, self._graphs = "double-backward", None
                 self.choice = {"double-backward": dbl, "chosen": "double-backward",
                                "why": "forward-over-reverse ran out of memory on a slice of the first batch"}
                 return
+            del graphs
         if self.strategy == "double-backward":  # the transform could not run this model: nothing to choose
             self._graphs = None
             self.choice = {"chosen": "double-backward", "why": "forward-over-reverse cannot run this model"}
