@@ -129,6 +129,7 @@ def build(size: str, attention: str, device, train_steps: int, batch: int, conte
 def peak_reset(device):
     free(device)
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # reserved memory then starts from what is allocated
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -147,6 +148,8 @@ def measure(rows, size, task, method, fn, device, products=None, extra=None):
         return None
     row = {"size": size, "task": task, "method": method, "seconds": round(dt, 3), "peak_gib": peak(device),
            "warnings": msgs}
+    if device.type == "cuda":  # a CUDA graph's replay allocates nothing: its pool shows in reserved memory only
+        row["reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
     if products is not None:
         row["products"] = products() if callable(products) else products
     if extra is not None:
@@ -176,6 +179,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--trace-probes", type=int, default=20)
+    ap.add_argument("--trace-methods", nargs="+", default=["auto"], help="curvkit product methods for the trace rows")
     ap.add_argument("--eigenthings-iters", type=int, default=6, help="its Lanczos steps, chosen by hand")
     ap.add_argument("--ref-tol", type=float, default=1e-6,
                     help="tolerance of curvkit's reference top-1 (the err column); 0 skips it (700M: 15 products)")
@@ -292,9 +296,11 @@ def main() -> None:
                                                  "converged": r.converged})
             _peers_top(rows, size, 5, model, data, device, args, peer_ok, None)
         if "trace" in tasks:
-            measure(rows, size, "trace", f"curvkit Hutchinson, {args.trace_probes} probes",
-                    lambda: ck.trace(ck.hessian(model, lm_loss, data), method="hutchinson", probes=args.trace_probes),
-                    device, args.trace_probes, lambda r: {"value": r.value, "stderr": r.stderr})
+            for how in args.trace_methods:
+                measure(rows, size, "trace", f"curvkit Hutchinson, {args.trace_probes} probes, method {how}",
+                        lambda: ck.trace(ck.hessian(model, lm_loss, data, method=how), method="hutchinson",
+                                         probes=args.trace_probes),
+                        device, args.trace_probes, lambda r: {"value": r.value, "stderr": r.stderr})
             if "pyhessian" in args.peers and peer_ok(size, "trace"):
                 _pyhessian_trace(rows, size, model, data, device)
         del model, data

@@ -135,7 +135,7 @@ def _inexact_products(A: Any) -> bool:
 def _start_block(init: Any, n: int, b: int | None, gen: torch.Generator, wd: torch.dtype, dev) -> Tensor:
     """The first block: the warm start's vectors (padded with random columns to ``b``), orthonormal."""
     if init is None:
-        return torch.linalg.qr(gaussian(n, b or 1, gen, wd, dev))[0]
+        return _orthonormal(gaussian(n, b or 1, gen, wd, dev))
     V0 = init.vectors if isinstance(init, EigenResult) else init
     if not isinstance(V0, Tensor) or V0.dim() not in (1, 2) or V0.shape[0] != n:
         raise ShapeError(f"init must be an EigenResult or a tensor of shape ({n},) or ({n}, c), got "
@@ -146,7 +146,11 @@ def _start_block(init: Any, n: int, b: int | None, gen: torch.Generator, wd: tor
     b = b or V0.shape[1]
     if V0.shape[1] < b:
         V0 = torch.cat([V0, gaussian(n, b - V0.shape[1], gen, wd, dev)], dim=1)
-    return torch.linalg.qr(V0[:, :b])[0]
+    return _orthonormal(V0[:, :b])
+
+
+def _orthonormal(X: Tensor) -> Tensor:
+    return X / X.double().norm().to(X.dtype) if X.shape[1] == 1 else torch.linalg.qr(X)[0]
 
 
 def _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, init, progress, allow_all=False):
@@ -280,6 +284,8 @@ def _next_block(W: Tensor, V: Basis, gen: torch.Generator, small: float) -> tupl
     are replaced by random ones orthogonal to ``V`` so the Krylov space can still grow; their
     rows of ``B`` are zero, as the residual has no component there.
     """
+    if W.shape[1] == 1:  # a vector: its norm (a QR of an (n, 1) matrix allocates a large workspace on CUDA)
+        return _next_vector(W, V, gen, small)
     Qw, R = torch.linalg.qr(W)
     U, s, Vh = torch.linalg.svd(R.to(device="cpu", dtype=_F64))
     B = torch.diag(s) @ Vh
@@ -291,6 +297,18 @@ def _next_block(W: Tensor, V: Basis, gen: torch.Generator, small: float) -> tupl
     V.orthogonalize(Qn)  # small singular values amplify rounding: orthogonalize against V again
     Qn, R2 = torch.linalg.qr(Qn)
     return Qn, R2.to(device="cpu", dtype=_F64) @ B
+
+
+def _next_vector(w: Tensor, V: Basis, gen: torch.Generator, small: float) -> tuple[Tensor, Tensor]:
+    """:func:`_next_block` for block size 1: ``w = q beta``."""
+    beta = float(w.double().norm())
+    if beta <= small:  # an invariant subspace: continue from a random direction, beta = 0
+        q, beta = gaussian(w.shape[0], 1, gen, w.dtype, w.device), 0.0
+    else:
+        q = w / beta
+    V.orthogonalize(q)
+    r = float(q.double().norm())
+    return q.div_(r), torch.tensor([[r * beta]], dtype=_F64)
 
 
 def _dense(A: Any, n: int, k: int, which: str) -> EigenResult:

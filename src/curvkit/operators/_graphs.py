@@ -68,9 +68,11 @@ class GraphCache:
         if graph is None:
             try:
                 graph = _Captured(fn, x, y, V, index)
-            except RuntimeError as e:
+            except Exception as e:  # noqa: BLE001 - whatever capture broke, eager decides
                 # out of memory, or a fused kernel without second derivatives: not a reason to give up
-                # graphs; the data loop handles both (micro-batches, differentiable kernels)
+                # graphs; the data loop handles both (micro-batches, differentiable kernels). Anything
+                # else (a host-device copy inside the model, a transform's error raised as a
+                # ModelError): run eagerly, where a real error shows again
                 if isinstance(e, OutOfMemory) or fused_op(e) is not None:
                     raise
                 self.failed = True  # an op that cannot be captured: stay eager from now on

@@ -18,6 +18,10 @@ from ._graphs import GraphCache
 from .base import CurvatureOperator, transform_failed
 
 Method = Literal["auto", "forward-over-reverse", "double-backward"]
+# a product whose memory, scaled from the slice to the whole batch, passes this share of the device
+# is memory-bound: forward-over-reverse's shared forward no longer pays for its tangents (85M GPT,
+# 10 probes: forward-over-reverse took 1.8x double backward's time and 108 GiB, BENCHMARKS.md)
+LARGE = 0.25
 
 
 class HessianOperator(CurvatureOperator):
@@ -75,8 +79,12 @@ class HessianOperator(CurvatureOperator):
         backward is timed on one probe and scaled by the k probes: it runs one backward per
         probe). Forward-over-reverse is timed as it will run: replayed from a CUDA graph where
         graphs are on (for small models the graph is most of its speed), captured for the slice
-        and freed after. An out-of-memory error in forward-over-reverse decides for double
-        backward. Cost on CUDA: about one batch product, once."""
+        and freed after. Double backward is kept where either method's peak memory, scaled
+        linearly from the slice to the batch, passes :data:`LARGE` (a quarter) of the device's
+        memory: those products are memory-bound, and forward-over-reverse's tangents cost more
+        than its shared forward saves (and a slice that small under-states that). An
+        out-of-memory error in forward-over-reverse decides for double backward too. Cost on
+        CUDA: about one batch product, once."""
         if self.device.type != "cuda":
             self.strategy = "double-backward"
             self.choice = {"chosen": "double-backward", "why": "the CPU: no transform overhead"}
@@ -113,10 +121,16 @@ class HessianOperator(CurvatureOperator):
             fwd_fn = lambda x_, y_, k_: graphs(self._weighted, x_, y_, probes, k_, tensors)  # noqa: E731
         else:
             fwd_fn = lambda x_, y_, k_: self._weighted(x_, y_, probes, k_)  # noqa: E731
+        big = LARGE * torch.cuda.get_device_properties(self.device).total_memory
         with self.risk.in_mode():
             measure(dbl_fn, xw, yw)  # warm-up: first-call costs (kernel choice, workspaces) out of the timing
             dbl = measure(dbl_fn, xs, ys)
             dbl["seconds"] *= V.shape[1]
+            if dbl["peak_bytes"] * size / dbl["examples"] > big:  # forward-over-reverse needs more still
+                self.strategy, self._graphs = "double-backward", None
+                self.choice = {"double-backward": dbl, "chosen": "double-backward",
+                               "why": f"double backward alone needs over {LARGE:.0%} of the device's memory"}
+                return
             try:
                 first = measure(fwd_fn, *((xs, ys) if graphs is not None else (xw, yw)), halve=False)
                 fwd = measure(fwd_fn, xs, ys, halve=False) if self.strategy != "double-backward" else None
@@ -135,7 +149,8 @@ class HessianOperator(CurvatureOperator):
             self.choice = {"chosen": "double-backward", "why": "forward-over-reverse cannot run this model"}
             return
         t_f, t_d = fwd["seconds"], dbl["seconds"]
-        if t_d < 0.9 * t_f or (t_d <= 1.1 * t_f and dbl["peak_bytes"] < fwd["peak_bytes"]):
+        if (t_d < 0.9 * t_f or (t_d <= 1.1 * t_f and dbl["peak_bytes"] < fwd["peak_bytes"])
+                or fwd["peak_bytes"] * size / fwd["examples"] > big):
             self.strategy, self._graphs = "double-backward", None
         self.choice = {"forward-over-reverse": fwd, "double-backward": dbl,
                        "chosen": "double-backward" if self.strategy == "double-backward" else "forward-over-reverse"}
