@@ -20,7 +20,7 @@ from .base import CurvatureOperator, transform_failed
 Method = Literal["auto", "forward-over-reverse", "double-backward"]
 # a product whose memory, scaled from the slice to the whole batch, passes this share of the device
 # is memory-bound: forward-over-reverse's shared forward no longer pays for its tangents (85M GPT,
-# 10 probes: forward-over-reverse took 1.8x double backward's time and 108 GiB, BENCHMARKS.md)
+# 10 probes: 16.6 s and 108 GiB against double backward's 15.5 s and 31 GiB, BENCHMARKS.md)
 LARGE = 0.25
 
 
