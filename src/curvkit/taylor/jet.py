@@ -421,8 +421,8 @@ def _pow_rule(args, kwargs):
     if isinstance(a, Jet) and isinstance(p, Tensor) and p.numel() == 1 and not p.requires_grad:
         return _apply_pointwise(a, lambda v: _pow_scalar(v, p.item()))
     # c ** x = exp(x log c); a ** b = exp(b log a): compositions of rules
-    base = a.v if isinstance(a, Jet) else torch.as_tensor(a)
     if not isinstance(a, Jet):
+        base = torch.as_tensor(a, dtype=p.dtype, device=p.device)
         return _apply_pointwise(_mul_rule((p, torch.log(base)), {}), _POINTWISE["exp"])
     loga = _apply_pointwise(a, _POINTWISE["log"])
     return _apply_pointwise(_mul_rule((p, loga), {}), _POINTWISE["exp"])
