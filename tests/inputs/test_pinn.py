@@ -105,3 +105,14 @@ def test_kfac_operator_refuses_a_model_whose_forward_is_a_laplacian():
     x = torch.rand(8, 2, dtype=D)
     with pytest.raises(LossError, match="Taylor mode"):
         ck.kfac(LaplacianModel(), nn.MSELoss(), (x, torch.zeros(8, 1, dtype=D)))
+
+
+def test_the_readme_section_runs():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Laplacians and PINNs"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["lap"].value.shape == (256,) and scope["est"].stderr.shape == (256,)
