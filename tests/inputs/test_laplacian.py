@@ -255,3 +255,62 @@ def test_bad_inputs_say_what_to_do():
             y[:, 0] = 0.0
             return y.sum(-1)
         ck.laplacian(assign, x)
+
+
+# ---------------------------------------------------------------------------------------- review fixes
+def test_where_with_number_branches_has_zero_derivatives_there():
+    for f in (lambda x: torch.where(x > 0, x, 1.0).pow(3).sum(-1), lambda x: torch.where(x > 0, 2.0, x).pow(3).sum(-1)):
+        x = torch.randn(5, 3, dtype=D)
+        torch.testing.assert_close(ck.laplacian(f, x).value, laplacians(f, x), atol=1e-10, rtol=0)
+
+
+def test_pow_with_a_constant_tensor_exponent_and_a_negative_base():
+    p = torch.tensor([2.0, 3.0, 0.5], dtype=D)
+    f = lambda x: ((x[:, :2] - 5) ** p[:2]).sum(-1) + ((x * x + 1) ** p).sum(-1)  # noqa: E731
+    x = torch.randn(4, 3, dtype=D)
+    torch.testing.assert_close(ck.laplacian(f, x).value, laplacians(f, x), atol=1e-10, rtol=0)
+
+
+def _inplace_without_rule(x):
+    h = x * 1
+    h.sinh_()
+    h.unsqueeze_(1)
+    return h.pow(2).sum((1, 2))
+
+
+def test_inplace_ops_without_a_rule_act_on_the_jet():
+    x = torch.randn(4, 3, dtype=D)
+    torch.testing.assert_close(ck.laplacian(_inplace_without_rule, x, fallback=False).value,
+                               laplacians(_inplace_without_rule, x), atol=1e-10, rtol=0)
+
+
+def _acc_add(x):
+    acc = torch.zeros(x.shape[0], 3, dtype=D)
+    acc += x.sin()
+    return acc.sum(-1)
+
+
+def _acc_method(x):
+    acc = torch.ones(x.shape[0], 3, dtype=D)
+    acc.mul_(x.sin())
+    return acc.sum(-1)
+
+
+def _assign_into_tensor(x):
+    out = torch.zeros(x.shape[0], 2, dtype=D)
+    out[:, 0] = x[:, 0].sin()
+    return out.sum(-1)
+
+
+def _write_into_part(x):
+    h = x.sin()
+    h[:, :1].mul_(2.0)
+    return h.sum(-1)
+
+
+@pytest.mark.parametrize("f,match", [(_acc_add, "add_.*plain tensor.*t = t \\+"), (_acc_method, "mul_.*plain tensor"),
+                                     (_assign_into_tensor, "torch.cat / torch.where"), (_write_into_part, "a part")])
+def test_inplace_writes_taylor_mode_cannot_track_are_refused(f, match):
+    """These used to return silently wrong Laplacians (the derivatives were dropped)."""
+    with pytest.raises(UnsupportedOpError, match=match):
+        ck.laplacian(f, torch.randn(3, 3, dtype=D))

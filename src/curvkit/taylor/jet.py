@@ -54,10 +54,11 @@ class Jet:
     """A value ``v`` with its first (``J``) and second (``L``) derivatives along the pass's
     directions; see the module docstring for shapes."""
 
-    __slots__ = ("v", "J", "L", "ctx")
+    __slots__ = ("v", "J", "L", "ctx", "is_part")
 
     def __init__(self, v: Tensor, J: Tensor | None, L: Tensor | None, ctx: Context):
         self.v, self.J, self.L, self.ctx = v, J, L, ctx
+        self.is_part = False  # a part of another Jet (x[i], narrow, split ...): in-place ops refused
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -94,13 +95,15 @@ class Jet:
         method = getattr(Tensor, name, None)
         if method is None or name.startswith("_"):
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        if not callable(method):  # .data, .grad, .is_leaf ...: autograd state a Taylor pass does not have
+            raise UnsupportedOpError(
+                f"Taylor mode (ck.laplacian) cannot read the tensor attribute .{name} of a value that depends "
+                "on the inputs; compute it outside f, or use ck.input_hessian, which runs f on plain tensors"
+            )
         return lambda *a, **k: dispatch(method, (self, *a), k)
 
     def __setitem__(self, key, value):
-        raise UnsupportedOpError(
-            "in-place assignment into a tensor that depends on the inputs (x[...] = ...) cannot be "
-            "differentiated in Taylor mode; build the tensor with torch.cat / torch.where instead"
-        )
+        raise UnsupportedOpError(_SETITEM)
 
     def __bool__(self):
         return bool(self.v)
@@ -135,6 +138,10 @@ Jet.__pos__ = lambda self: self
 Jet.__abs__ = lambda self: dispatch(torch.abs, (self,), {})
 Jet.__getitem__ = lambda self, idx: dispatch(Tensor.__getitem__, (self, idx), {})
 Jet.__hash__ = object.__hash__
+
+
+_SETITEM = ("in-place assignment of or into a tensor that depends on the inputs (t[...] = ...) cannot be "
+            "differentiated in Taylor mode; build the tensor with torch.cat / torch.where (or torch.stack) instead")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -420,6 +427,9 @@ def _pow_rule(args, kwargs):
         return _apply_pointwise(a, lambda v: _pow_scalar(v, p))
     if isinstance(a, Jet) and isinstance(p, Tensor) and p.numel() == 1 and not p.requires_grad:
         return _apply_pointwise(a, lambda v: _pow_scalar(v, p.item()))
+    if isinstance(a, Jet) and isinstance(p, Tensor):  # a constant exponent per element: pointwise in a
+        # (not exp(p log a), which is NaN for a negative base with integer exponents, as torch is not)
+        return _apply_pointwise(a, lambda v: (v ** p, p * v ** (p - 1), p * (p - 1) * v ** (p - 2)))
     # c ** x = exp(x log c); a ** b = exp(b log a): compositions of rules
     if not isinstance(a, Jet):
         base = torch.as_tensor(a, dtype=p.dtype, device=p.device)
@@ -509,7 +519,7 @@ def _structural(func, args, kwargs):
     def part(*tangents):
         leaves = list(vals)
         for i in data:
-            leaves[i] = torch.zeros_like(vals[i])
+            leaves[i] = torch.zeros_like(vals[i]) if isinstance(vals[i], Tensor) else 0.0
         for i, t in zip(jets, tangents):
             leaves[i] = torch.zeros_like(vals[i]) if t is None else t
         return call(leaves)
@@ -525,7 +535,11 @@ def _structural(func, args, kwargs):
 
     J = through("J", True)
     L = through("L", not ctx.collapsed)
-    return _wrap_out(v, J, L, ctx)
+    out = _wrap_out(v, J, L, ctx)
+    if getattr(func, "__name__", "") in _PARTIAL_VIEWS:
+        for o in (out if isinstance(out, (tuple, list)) else (out,)):
+            o.is_part = True
+    return out
 
 
 def _data_leaves(func, args, kwargs, flat, spec) -> list[int]:
@@ -535,8 +549,8 @@ def _data_leaves(func, args, kwargs, flat, spec) -> list[int]:
         marked = list(flat)
         if name == "where":
             a = list(args)
-            for j in (1, 2):
-                if len(a) > j and isinstance(a[j], Tensor):
+            for j in (1, 2):  # a plain tensor or a Python number is constant: zero derivatives
+                if len(a) > j and isinstance(a[j], (Tensor, int, float)) and not isinstance(a[j], bool):
                     a[j] = _MARK
             mflat = tree_flatten((tuple(a), kwargs))[0]
         else:
@@ -564,9 +578,12 @@ _STRUCTURAL = {
     "cat", "concat", "concatenate", "stack", "hstack", "vstack", "split", "chunk", "unbind", "tensor_split",
     "sum", "mean", "flip", "roll", "diagonal", "diag", "diag_embed", "tril", "triu", "clone", "contiguous",
     "cumsum", "trace", "index_select", "gather", "take_along_dim", "where", "masked_fill", "view_as",
-    "reshape_as", "broadcast_to", "to", "double", "float", "half", "type_as", "squeeze_", "unsqueeze_",
+    "reshape_as", "broadcast_to", "to", "double", "float", "half", "type_as",
     "nansum", "repeat_interleave", "tile", "flipud", "fliplr", "rot90", "ravel", "atleast_2d", "atleast_1d",
 }
+# ops whose result is a part of their input (a view in torch): writing into it in place would
+# write into the input, which a Jet (not a view) cannot do
+_PARTIAL_VIEWS = {"__getitem__", "narrow", "select", "split", "chunk", "unbind", "tensor_split", "diagonal"}
 _CONSTANT = {
     "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like", "sign",
     "floor", "ceil", "round", "trunc", "frac_", "detach", "new_zeros", "new_ones", "new_full", "new_empty",
@@ -679,13 +696,41 @@ def _fallback(func, args, kwargs):
 
 
 # ---------------------------------------------------------------------------------------- dispatch
-def _inplace(rule):
+def _inplace(rule, name: str):
+    """The in-place form of ``rule``: the Jet ``args[0]`` takes the out-of-place result. A plain
+    tensor cannot take a Jet's derivatives, nor can a part of a Jet (a view in torch): refused."""
     def run(args, kwargs):
-        out = rule(args, kwargs)
         x = args[0]
+        if not isinstance(x, Jet):  # t.add_(jet) and t += jet both arrive here as add_: refused
+            raise UnsupportedOpError(
+                f"torch.Tensor.{name} writes a value that depends on the inputs into a plain tensor in place, "
+                f"which Taylor mode cannot track; use the out-of-place form (t = t.{name.rstrip('_')}(...), "
+                "t = t + ... for t += ...) or build the tensor with torch.cat / torch.where"
+            )
+        if x.is_part:
+            raise UnsupportedOpError(
+                f"torch.Tensor.{name} modifies in place a part (x[...], narrow, split ...) of a tensor that "
+                "depends on the inputs, which Taylor mode cannot write through to the whole tensor; use the "
+                "out-of-place op and torch.cat / torch.where to assemble the result"
+            )
+        out = rule(args, kwargs)
         x.v, x.J, x.L = out.v, out.J, out.L
         return x
     return run
+
+
+def _generic_inplace(name: str):
+    """An in-place op without a rule of its own: its out-of-place twin, dispatched, then written
+    into the Jet (never the fallback on the op itself, which would mutate the values it differentiates)."""
+    twin = getattr(Tensor, name[:-1], None)
+    if not callable(twin):
+        def refuse(args, kwargs):
+            raise UnsupportedOpError(
+                f"Taylor mode cannot run the in-place op torch.Tensor.{name} on a tensor that depends on the "
+                "inputs; use an out-of-place equivalent (torch.where, masked_fill, torch.cat ...)"
+            )
+        return refuse
+    return _inplace(lambda a, k: dispatch(twin, a, k), name)
 
 
 RULES: dict[str, Callable] = {name: _pointwise_rule(name) for name in _POINTWISE}
@@ -701,9 +746,7 @@ RULES.update({
 })
 for _n in ("tanh", "sigmoid", "relu", "sin", "cos", "exp", "add", "mul", "sub", "div", "neg", "pow", "sqrt",
            "square", "abs", "log", "reciprocal", "silu", "elu", "leaky_relu", "celu", "selu"):
-    RULES[_n + "_"] = _inplace(RULES[_n])
-for _n in ("__iadd__", "__isub__", "__imul__", "__itruediv__"):
-    RULES[_n] = _inplace(RULES[_n.replace("__i", "__")])
+    RULES[_n + "_"] = _inplace(RULES[_n], _n + "_")
 
 
 def dispatch(func, args, kwargs, name: str | None = None):
@@ -712,11 +755,15 @@ def dispatch(func, args, kwargs, name: str | None = None):
     name = name or getattr(func, "__name__", "")
     if name in ("silu", "relu", "elu", "leaky_relu", "celu", "selu") and kwargs.get("inplace"):
         kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
-        return _inplace(RULES[name])(args, kwargs)
+        return _inplace(RULES[name], name + "_")(args, kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k != "inplace"} if "inplace" in kwargs else kwargs
     rule = RULES.get(name)
     if rule is not None:
         return rule(args, kwargs)
+    if name == "__setitem__":  # a Jet assigned into a plain tensor (Jet.__setitem__ refuses the other way)
+        raise UnsupportedOpError(_SETITEM)
+    if name.endswith("_") and not name.startswith("_"):
+        return _generic_inplace(name)(args, kwargs)
     if name in _STRUCTURAL:
         return _structural(func, args, kwargs)
     if name in _CONSTANT or name in ("__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__", "lt", "le", "gt",
