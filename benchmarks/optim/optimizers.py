@@ -198,9 +198,9 @@ def _sf(model, lr, refresh, seed):
     return AdamWScheduleFree(model.parameters(), lr=lr, weight_decay=0.0)
 
 
-_KFAC_PINN = ("its factors come from the hooks of an ordinary backward pass; the PINN's loss "
-              "differentiates the network with respect to its inputs first, so the hooks see those "
-              "passes too (K-FAC for PDE losses needs Taylor-mode factors, Dangel et al. 2024)")
+_KFAC_PINN = ("its factors come from the hooks of an ordinary forward and backward pass; the PINN's loss "
+              "is built from the network's input derivatives (ck.laplacian's Taylor-mode pass), which K-FAC "
+              "refuses with a LossError (K-FAC for PDE losses needs Taylor-mode factors, Dangel et al. 2024)")
 
 
 SPECS: dict[str, OptSpec] = {s.name: s for s in [

@@ -7,13 +7,14 @@ from .errors import CurvkitError
 from .linalg import diagonal, eigenvalues, inverse, power_iteration, solve, spectral_density, trace
 from .linear_operator import identity_like
 from .model import per_example_gradients
-from .operators import fisher, ggn, hessian
+from .operators import fisher, ggn, hessian, input_hessian
+from .taylor import biharmonic, diffusion, laplacian
 
 __version__ = "0.1.0"
 
 __all__ = [
     "hessian", "ggn", "fisher", "identity_like", "kfac", "per_example_gradients",
     "eigenvalues", "trace", "diagonal", "spectral_density", "solve", "inverse", "power_iteration",
-    "analyze",
+    "analyze", "input_hessian", "laplacian", "diffusion", "biharmonic",
     "errors", "CurvkitError", "__version__",
 ]

@@ -55,3 +55,8 @@ class LossWarning(CurvkitWarning):
 
 class FallbackWarning(CurvkitWarning):
     """A computation took a slower or more robust path than asked for (it says which and why)."""
+
+
+class UnsupportedOpError(CurvkitError, NotImplementedError):
+    """An op that Taylor mode (``ck.laplacian``) cannot differentiate as asked: no rule for it and
+    the fallback turned off, or one torch.func cannot differentiate either (it names the op)."""

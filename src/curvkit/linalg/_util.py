@@ -95,8 +95,8 @@ def apply(A: Any, V: Tensor, what: str = "product") -> Tensor:
 def operator_blocks(A: Any, by: str) -> BlockDiagonalOperator:
     """``A.blocks(by)``: the operator hands out its own per-layer/per-parameter diagonal blocks
     (linear algebra knows nothing of layers), or a clear error."""
-    if by not in ("layer", "param"):
-        raise ArgumentError(f"by must be None, 'layer' or 'param', got {by!r}")
+    if by not in ("layer", "param", "example"):
+        raise ArgumentError(f"by must be None, 'layer', 'param' or 'example' (ck.input_hessian), got {by!r}")
     if not hasattr(A, "blocks"):
         raise ShapeError(
             f"by={by!r} needs an operator that knows its parameter blocks (a curvkit curvature "

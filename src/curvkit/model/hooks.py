@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ModelError
+from ..errors import LossError, ModelError
 from .layers import Layer
 
 GradFn = Callable[[Layer, Tensor, Tensor], None]
@@ -90,6 +90,8 @@ class LayerHooks:
     def _record(self, layer: Layer, inputs: tuple, out: Any) -> Any:
         if self.enabled is not None and not self.enabled():
             return None
+        if inputs and not isinstance(inputs[0], Tensor) and hasattr(type(inputs[0]), "__torch_function__"):
+            raise taylor_pass_error(layer.name, type(inputs[0]).__name__)
         if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(out, Tensor):
             return None
         if not (torch.is_grad_enabled() and out.requires_grad):
@@ -114,6 +116,16 @@ class LayerHooks:
         return None
 
 
+def taylor_pass_error(name: str, what: str) -> LossError:
+    return LossError(
+        f"layer {name!r} ran on a {what}, a pass that carries derivatives with respect to the inputs "
+        "(ck.laplacian's Taylor mode): K-FAC's factors come from the inputs and output gradients of "
+        "ordinary forward and backward passes, which a loss built from input derivatives (a PINN "
+        "residual) does not reduce to, and Taylor-mode K-FAC is not implemented. Train such a loss with "
+        "curvkit's AdaHessian, Shampoo or SOAP (or Adam)"
+    )
+
+
 def _reset(ref: weakref.ref):
     def hook(*_: Any) -> None:
         rec = ref()
@@ -129,4 +141,4 @@ def _forward(ref: weakref.ref, layer: Layer):
     return hook
 
 
-__all__ = ["LayerHooks", "weight_shared_error"]
+__all__ = ["LayerHooks", "weight_shared_error", "taylor_pass_error"]

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..approx.kronecker import activation_factor, gradient_factor, input_rows, kron_eigen, kron_layers, kron_solve, output_rows
-from ..errors import ArgumentError, ModelError
+from ..errors import ArgumentError, LossError, ModelError
 from ..model import LayerHooks, resolve_params
 from ._base import CurvkitOptimizer, Staged, check_number, check_positive_int, refresh_due, renamed, state_dtype
 from ._moments import heavy_ball
@@ -122,6 +122,8 @@ class KFAC(CurvkitOptimizer):
         self._index = {layer.name: i for i, layer in enumerate(self.layers)}
         self._step = 0
         self._sums: dict[int, list] = {}  # layer index -> [A sum, G sum, count] of this step
+        self._grad_of: dict[int, Tensor] = {}  # layer index -> the input of the forward its last gradient came from
+        self._repeated: str | None = None  # a layer that saw two backward passes of one forward this step
         self._collecting = self._due_layers()
         ref = weakref.ref(self)
         self._hooks = LayerHooks(self.layers, root=model, on_grad=_on_grad(ref), enabled=_enabled(ref),
@@ -153,6 +155,10 @@ class KFAC(CurvkitOptimizer):
     def _accumulate(self, i: int, x: Tensor, g: Tensor) -> None:
         if i not in self._collecting:
             return
+        if self._grad_of.get(i) is x:  # a second backward through the same forward: refused at step()
+            self._repeated = self.layers[i].name
+            return
+        self._grad_of[i] = x
         module = self.layers[i].module
         with torch.no_grad():
             rows, T = input_rows(module, x)
@@ -169,6 +175,8 @@ class KFAC(CurvkitOptimizer):
         """torch's ``zero_grad``, and the factor statistics of a backward whose step never came
         (e.g. one that ``GradScaler`` skipped for an overflow) are dropped with the gradients."""
         self._sums.clear()
+        self._grad_of.clear()
+        self._repeated = None
         self._hooks.clear()
         super().zero_grad(set_to_none=set_to_none)
 
@@ -226,9 +234,20 @@ class KFAC(CurvkitOptimizer):
         loss = self._closure_loss(closure)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         try:
+            if self._repeated is not None:
+                raise LossError(
+                    f"layer {self._repeated!r} received two output gradients from one forward pass since "
+                    "zero_grad(): the loss differentiates the network more than once (input derivatives by "
+                    "torch.autograd.grad, as a PINN residual takes them, or several backward passes of one "
+                    "forward), and K-FAC's factors assume one backward per forward (nothing was changed). "
+                    "Train such a loss with curvkit's AdaHessian, Shampoo or SOAP (or Adam); ck.laplacian "
+                    "takes a PINN's input derivatives without a backward pass, which K-FAC refuses too"
+                )
             self._run_step(self._prepare, "a K-FAC factor", loss, grads)
         finally:
             self._sums.clear()
+            self._grad_of.clear()
+            self._repeated = None
             self._hooks.clear()
         return loss
 

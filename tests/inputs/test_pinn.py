@@ -1,0 +1,118 @@
+"""The Poisson PINN of benchmarks/optim rewired to ck.laplacian trains exactly as with nested
+autograd (float64, 1e-10), and K-FAC refuses input-derivative passes with a clear error."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import curvkit as ck
+from curvkit.errors import LossError
+from curvkit.optim import KFAC
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.optim import workloads  # noqa: E402
+
+D = torch.float64
+
+
+def _train(laplacian, steps=12):
+    task = workloads._pinn_task(0, "cpu", interior=64, dtype=D, laplacian=laplacian)
+    opt = torch.optim.Adam(task.model.parameters(), lr=1e-2)
+    losses = []
+    for i in range(steps):
+        opt.zero_grad()
+        loss, _ = task.loss(task.batch(i))
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return task, losses
+
+
+def test_the_rewired_pinn_gives_the_same_solution_as_nested_autograd():
+    ours, l1 = _train(workloads._laplacian)
+    ref, l2 = _train(workloads.nested_autograd_laplacian)
+    assert l1[-1] < l1[0]
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(l2), atol=1e-10, rtol=1e-10)
+    for p, q in zip(ours.model.parameters(), ref.model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-10, rtol=0)
+    assert abs(ours.evaluate() - ref.evaluate()) < 1e-10
+
+
+def test_hessian_vector_products_of_the_pinn_loss_match():
+    """Second-order optimizers differentiate the loss twice: its HVPs agree too."""
+    task = workloads._pinn_task(0, "cpu", interior=32, dtype=D)
+    ref = workloads._pinn_task(0, "cpu", interior=32, dtype=D, laplacian=workloads.nested_autograd_laplacian)
+    out = []
+    for t in (task, ref):
+        ps = list(t.model.parameters())
+        loss, _ = t.loss(None)
+        g = torch.autograd.grad(loss, ps, create_graph=True)
+        v = [torch.ones_like(p) for p in ps]
+        out.append(torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, ps, v)]))
+    torch.testing.assert_close(out[0], out[1], atol=1e-10, rtol=1e-10)
+
+
+def _pinn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).to(D)
+
+
+def test_kfac_refuses_a_taylor_mode_pass():
+    model = _pinn()
+    opt = KFAC(model, lr=0.1)
+    x = torch.rand(16, 2, dtype=D)
+    with pytest.raises(LossError, match="ck.laplacian's Taylor mode.*AdaHessian, Shampoo or SOAP"):
+        ck.laplacian(model, x).value.pow(2).mean().backward()
+    opt.remove_hooks()
+    ck.laplacian(model, x)  # without K-FAC's hooks it runs
+
+
+def test_kfac_refuses_nested_autograd_input_derivatives_and_changes_nothing():
+    model = _pinn()
+    opt = KFAC(model, lr=0.1)
+    x = torch.rand(16, 2, dtype=D).requires_grad_(True)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    u = model(x)
+    (g,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+    lap = sum(torch.autograd.grad(g[:, i].sum(), x, create_graph=True)[0][:, i] for i in range(2))
+    lap.pow(2).mean().backward()
+    with pytest.raises(LossError, match="two output gradients from one forward.*AdaHessian"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    # an ordinary loss still trains after zero_grad
+    opt.zero_grad()
+    model(x.detach()).pow(2).mean().backward()
+    opt.step()
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_kfac_operator_refuses_a_model_whose_forward_is_a_laplacian():
+    class LaplacianModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _pinn()
+
+        def forward(self, x):
+            return ck.laplacian(self.net, x).value[:, None]
+
+    x = torch.rand(8, 2, dtype=D)
+    with pytest.raises(LossError, match="Taylor mode"):
+        ck.kfac(LaplacianModel(), nn.MSELoss(), (x, torch.zeros(8, 1, dtype=D)))
+
+
+def test_the_readme_section_runs():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Laplacians and PINNs"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["lap"].value.shape == (256,) and scope["est"].stderr.shape == (256,)
