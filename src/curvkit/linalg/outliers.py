@@ -15,13 +15,11 @@ from .density import spectral_density
 from .lanczos import eigenvalues
 from .results import DensityResult, EigenResult
 
-EDGE_GAP = 4.0  # a ratio of distances to the bulk edge this large separates outliers from edge eigenvalues
 RULE_EDGE = (
-    "outliers are the top-k Lanczos eigenvalues above the bulk edge of the SLQ density (in each probe "
-    "the largest quadrature node standing for >= {min_count:g} eigenvalues, median over probes) by more "
-    "than their residual, cut at the largest ratio gap of their distances to the edge if that ratio is "
-    "at least 4 (the eigenvalues below the cut belong to the bulk's edge); a count of k means k was too "
-    "small to see the bulk"
+    "outliers are the top-k Lanczos eigenvalues that exceed the bulk edge of the SLQ density (in each probe "
+    "the largest quadrature node standing for >= {min_count:g} eigenvalues, median over probes) by more than "
+    "their residual plus {margin:g} x the bulk's half-width (edge minus the spectrum's median); a count of k "
+    "means k was too small to see the bulk"
 )
 RULE_GAP = (
     "outliers are the top-k Lanczos eigenvalues above the largest ratio gap lambda_i / lambda_(i+1) "
@@ -33,8 +31,8 @@ RULE_GAP = (
 @dataclass(frozen=True)
 class OutlierResult:
     """The outliers of a spectrum. ``count`` eigenvalues ``values`` (descending) lie above
-    ``threshold`` (the bulk edge, or the geometric mean across the ratio gap for the gap rule;
-    None when nothing stands out); ``bulk_edge`` the SLQ bulk edge (None for the gap rule);
+    ``threshold`` (the bulk edge plus the margin, or the geometric mean across the ratio gap for
+    the gap rule, None there when nothing stands out); ``bulk_edge`` the SLQ bulk edge (None for the gap rule);
     ``gap_ratio`` the ratio ``lambda_count / lambda_(count+1)`` across the boundary (the largest
     ratio gap when the count is 0 under the gap rule; None where undefined); ``capped_at_k``
     whether the count may be limited by ``k``; ``rule`` the rule in words; ``matvecs`` the products spent."""
@@ -56,6 +54,7 @@ def outliers(
     eigen: EigenResult | None = None,
     density: DensityResult | bool = True,
     min_count: float = 10.0,
+    margin: float = 0.25,
     tol: float = 1e-3,
     iterations: int = 80,
     probes: int = 8,
@@ -66,10 +65,10 @@ def outliers(
 
     Rule (``density`` given or True): the top-``k`` eigenvalues (Lanczos, ``eigen=`` or computed)
     that exceed the bulk edge :meth:`DensityResult.bulk_edge` of the SLQ density by more than their
-    own residual. The edge estimate lies a little inside the bulk (a Gauss node near an edge carries
-    little mass), so eigenvalues of the bulk's edge can lie above it, close together and close to
-    it: with ``d_i = lambda_i - edge``, where the largest ratio ``d_i / d_(i+1)`` among them is at
-    least 4, the count stops at ``i``. This works where the outliers spread out geometrically (as the k-1 outliers of a
+    own residual plus ``margin`` times the bulk's half-width (the edge minus the median of the
+    spectrum, both from the density): the edge estimate lies a little inside the bulk (a Gauss node
+    near an edge carries little mass), and the margin keeps the eigenvalues of the bulk's own edge
+    out of the count. This works where the outliers spread out geometrically (as the k-1 outliers of a
     k-class network do at convergence), which a ratio-gap rule cannot see: consecutive outliers
     there differ by less than 2x. With ``density=False`` the ratio-gap rule is used instead
     (outliers above the largest ratio gap ``lambda_i / lambda_(i+1) >= 2``).
@@ -81,6 +80,7 @@ def outliers(
         density: a :func:`~curvkit.linalg.spectral_density` result, True to compute one
             (``iterations``, ``probes``, ``seed``), or False for the ratio-gap rule.
         min_count: see :meth:`DensityResult.bulk_edge`.
+        margin: how far above the edge (in bulk half-widths) an outlier must lie.
 
     Cost: what is not given: ``eigenvalues(A, k)`` (a few times ``k`` products) and
     ``iterations * probes`` products for the density. Free when both are given.
@@ -120,20 +120,24 @@ def outliers(
     if not isinstance(density, DensityResult):
         raise ArgumentError(f"density must be a DensityResult, True or False, got {type(density).__name__}")
     edge = density.bulk_edge(min_count)
-    above = vals - res > edge
+    cut = edge + margin * max(edge - _median(density), 0.0)
+    above = vals - res > cut
     count = int(above.long().cumsum(0).eq(torch.arange(1, len(vals) + 1)).sum())  # the leading run above
-    if count >= 2:
-        d = vals[:count] - edge
-        ratios = d[:-1] / d[1:]
-        best = int(torch.argmax(ratios))
-        if float(ratios[best]) >= EDGE_GAP:
-            count = best + 1
     ratio = None
     if 0 < count < len(vals) and vals[count] > 0:
         ratio = float(vals[count - 1] / vals[count])
-    return OutlierResult(count=count, values=vals[:count], threshold=edge if count else None, bulk_edge=edge,
-                         gap_ratio=ratio, capped_at_k=count >= len(vals), rule=RULE_EDGE.format(min_count=min_count),
-                         matvecs=matvecs)
+    return OutlierResult(count=count, values=vals[:count], threshold=cut, bulk_edge=edge,
+                         gap_ratio=ratio, capped_at_k=count >= len(vals),
+                         rule=RULE_EDGE.format(min_count=min_count, margin=margin), matvecs=matvecs)
+
+
+def _median(d: DensityResult) -> float:
+    """The median of the spectrum: of the quadrature nodes pooled over probes, by weight."""
+    nodes, w = d.nodes.reshape(-1), (d.weights / d.weights.shape[0]).reshape(-1)
+    order = torch.argsort(nodes)
+    cum = torch.cumsum(w[order], 0)
+    i = int(torch.searchsorted(cum, 0.5 * float(cum[-1])))
+    return float(nodes[order][min(i, len(nodes) - 1)])
 
 
 def _gap_rule(vals: Tensor, matvecs: int) -> OutlierResult:
