@@ -43,7 +43,7 @@ class Record:
 
     step: int
     lr: float | None
-    every: int
+    every: int  # the period from this measurement to the next (``budget`` may stretch it)
     loss: float | None = None
     values: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)
@@ -283,6 +283,9 @@ class CurvatureMonitor:
         total = self._curv_seconds + self._train_seconds
         rec.budget_fraction = self._curv_seconds / total if total > 0 else None
         self._stretch(spent)
+        rec.every = self.period  # the period until the next measurement
+        if self.period > self.every:
+            rec.info["budget_stretched"] = True
         self.history.append(rec)
         self._show(rec)
         return rec
