@@ -51,6 +51,7 @@ def test_callback_logs_writes_and_matches_the_monitor(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(module, loader)
     assert [r.step for r in cb.history] == [0, 3, 6]
+    state = cb.state_dict()
     assert len(module.logged) == 3
     m = module.logged[-1]
     assert m["curvature/sharpness_threshold"] == pytest.approx((2 + 2 * 0.5) / 0.2)
@@ -62,7 +63,6 @@ def test_callback_logs_writes_and_matches_the_monitor(tmp_path):
     lines = (tmp_path / "c.jsonl").read_text().splitlines()
     assert [json.loads(s)["step"] for s in lines] == [0, 3, 6]
     assert (tmp_path / "c.png").stat().st_size > 1000
-    state = cb.state_dict()
     again = CurvatureCallback((x, y), nn.CrossEntropyLoss(), every=3)
     again.load_state_dict(state)
     again.on_train_start(trainer, module)
