@@ -255,3 +255,15 @@ def test_jsonl_plot_and_quiet_progress(tmp_path, capsys):
     assert out.stat().st_size > 1000
     mon.close()
     assert capsys.readouterr().err == ""  # stderr is not a terminal here: no progress line
+
+
+def test_per_group_learning_rates_precondition_sgd():
+    model, loss_fn, data = problem(7)
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.4}, {"params": model[2].parameters(), "lr": 0.1}],
+                          lr=0.4)
+    mon = CurvatureMonitor(model, loss_fn, data, tol=1e-10, optimizer=opt, quantities=("preconditioned_sharpness",))
+    r = mon.measure()
+    scale = torch.cat([torch.ones(20, dtype=F64), torch.full((18,), 0.25, dtype=F64)])  # lr_g / lr
+    ref = torch.linalg.eigvals(torch.diag(scale) @ dense_h(model, loss_fn, data)).real.max()
+    assert r.values["preconditioned_sharpness"][0] == pytest.approx(float(ref), abs=1e-8)
+    assert r.thresholds["preconditioned_sharpness"] == pytest.approx(2 / 0.4)

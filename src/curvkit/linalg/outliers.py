@@ -18,8 +18,9 @@ from .results import DensityResult, EigenResult
 RULE_EDGE = (
     "outliers are the top-k Lanczos eigenvalues that exceed the bulk edge of the SLQ density (in each probe "
     "the largest quadrature node standing for >= {min_count:g} eigenvalues, median over probes) by more than "
-    "their residual plus {margin:g} x the bulk's half-width (edge minus the spectrum's median); a count of k "
-    "means k was too small to see the bulk"
+    "their residual plus {margin:g} x the bulk's half-width (edge minus the spectrum's median), cut at the "
+    "deepest ratio gap lambda_i / lambda_(i+1) >= {gap:g} among them if there is one (a heavy tail of the bulk "
+    "below it); a count of k means k was too small to see the bulk"
 )
 RULE_GAP = (
     "outliers are the top-k Lanczos eigenvalues above the largest ratio gap lambda_i / lambda_(i+1) "
@@ -55,6 +56,7 @@ def outliers(
     density: DensityResult | bool = True,
     min_count: float = 10.0,
     margin: float = 0.25,
+    gap: float = 2.0,
     tol: float = 1e-3,
     iterations: int = 80,
     probes: int = 8,
@@ -68,7 +70,9 @@ def outliers(
     own residual plus ``margin`` times the bulk's half-width (the edge minus the median of the
     spectrum, both from the density): the edge estimate lies a little inside the bulk (a Gauss node
     near an edge carries little mass), and the margin keeps the eigenvalues of the bulk's own edge
-    out of the count. This works where the outliers spread out geometrically (as the k-1 outliers of a
+    out of the count. Where the bulk has a heavy tail (sparse eigenvalues above the edge, decaying
+    smoothly), the outliers are those above the deepest ratio gap ``lambda_i / lambda_(i+1) >= gap``
+    among the eigenvalues above the edge, if there is one. This works where the outliers spread out geometrically (as the k-1 outliers of a
     k-class network do at convergence), which a ratio-gap rule cannot see: consecutive outliers
     there differ by less than 2x. With ``density=False`` the ratio-gap rule is used instead
     (outliers above the largest ratio gap ``lambda_i / lambda_(i+1) >= 2``).
@@ -81,6 +85,7 @@ def outliers(
             (``iterations``, ``probes``, ``seed``), or False for the ratio-gap rule.
         min_count: see :meth:`DensityResult.bulk_edge`.
         margin: how far above the edge (in bulk half-widths) an outlier must lie.
+        gap: the ratio that separates outliers from a heavy tail above the edge.
 
     Cost: what is not given: ``eigenvalues(A, k)`` (a few times ``k`` products) and
     ``iterations * probes`` products for the density. Free when both are given.
@@ -123,12 +128,17 @@ def outliers(
     cut = edge + margin * max(edge - _median(density), 0.0)
     above = vals - res > cut
     count = int(above.long().cumsum(0).eq(torch.arange(1, len(vals) + 1)).sum())  # the leading run above
+    pos = vals[:count]
+    if count >= 2 and bool((pos > 0).all()):
+        gaps = (pos[:-1] / pos[1:] >= gap).nonzero()
+        if len(gaps):
+            count = int(gaps[-1, 0]) + 1
     ratio = None
     if 0 < count < len(vals) and vals[count] > 0:
         ratio = float(vals[count - 1] / vals[count])
     return OutlierResult(count=count, values=vals[:count], threshold=cut, bulk_edge=edge,
                          gap_ratio=ratio, capped_at_k=count >= len(vals),
-                         rule=RULE_EDGE.format(min_count=min_count, margin=margin), matvecs=matvecs)
+                         rule=RULE_EDGE.format(min_count=min_count, margin=margin, gap=gap), matvecs=matvecs)
 
 
 def _median(d: DensityResult) -> float:

@@ -45,7 +45,8 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Pr
 
     Adam/AdamW: ``sqrt(v / (1 - beta2^t)) + eps`` (``max_exp_avg_sq`` with amsgrad); AdaHessian:
     ``(sqrt(v / (1 - beta2^s)))^power + eps``; Sophia: ``max(gamma h, eps)`` (its update is this
-    preconditioner until the clip acts); SGD: the identity. Parameters that the optimizer has no
+    preconditioner until the clip acts); SGD: the identity. Param groups whose learning rate
+    differs from the first group's (``lr``) multiply their part of ``P`` by ``lr / lr_group``. Parameters that the optimizer has no
     state for yet (before its first step) raise ArgumentError. Free (reads the state).
     """
     from ..optim import AdaHessian, Sophia  # the optimizers are consumers too: imported where used
@@ -57,9 +58,14 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Pr
                             "pass the optimizer that trains them, or params= that it holds")
     first = groups[id(params[0])]
     lr = float(first["lr"])
+    # param groups with other learning rates (per-layer rates, muP): a step of rate lr_g is one of
+    # rate lr preconditioned by lr / lr_g, so P carries that ratio and the threshold stays lr's
+    ratio = torch.cat([torch.full((p.numel(),), lr / float(groups[id(p)]["lr"]), dtype=params[0].dtype,
+                                  device=params[0].device) for p in params])
+    same = bool((ratio == 1).all())
     if isinstance(optimizer, torch.optim.SGD):
         mom = float(first.get("momentum", 0.0) or 0.0)
-        return Preconditioner(None, lr, sgd_threshold(lr, mom), "sgd-momentum" if mom else "gd", mom)
+        return Preconditioner(None if same else ratio, lr, sgd_threshold(lr, mom), "sgd-momentum" if mom else "gd", mom)
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, AdaHessian, Sophia)):
         parts = []
         for p in params:
@@ -81,7 +87,7 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Pr
                                     "its first step")
             parts.append(((v / (1 - b2**t)).sqrt() ** power + g["eps"]).reshape(-1))
         b1 = float(first["betas"][0])
-        return Preconditioner(torch.cat(parts).to(params[0].dtype), lr, adam_threshold(lr, b1),
+        return Preconditioner(torch.cat(parts).to(params[0].dtype) * ratio, lr, adam_threshold(lr, b1),
                               type(optimizer).__name__, b1)
     raise ArgumentError(f"the preconditioned sharpness does not know {type(optimizer).__name__}; it reads the state "
                         f"of {', '.join(SUPPORTED)}. Drop 'preconditioned_sharpness' from quantities for others")
