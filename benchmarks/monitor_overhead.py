@@ -2,7 +2,8 @@
 
 Workloads: the MNIST-5k CNN and the char-LM of ``benchmarks/optim`` (``workloads.py``), trained
 with Adam (lr 1e-3). The monitor measures the Hessian's top eigenvalue (warm-started, tol 1e-3) on
-a fixed probe set of the first ``--probe-batches`` training batches, every 100 steps. In ONE run
+a fixed probe set of the first ``--probe-batches`` training batches (1 and 4: 64 / 256 images,
+16 / 64 text windows), every 100 steps, with and without the exploring column (``explore``). In ONE run
 we time the training steps and the monitor's measurements separately (the monitor's own
 ``Record.seconds``); the overhead is curvature seconds / training seconds. Goals (issue 14):
 <= 10% on the CPU, <= 5% on the GPU, and <= 3 block products per warm re-measurement.
@@ -76,7 +77,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=None, help="training steps per workload (default 1000; quick 200)")
     ap.add_argument("--every", type=int, default=100)
-    ap.add_argument("--probe-batches", type=int, default=4)
+    ap.add_argument("--probe-batches", default="1,4", help="probe-set sizes in training batches (comma-separated)")
     ap.add_argument("--workloads", default="mnist_cnn,char_lm")
     ap.add_argument("--quick", action="store_true", help="a short CPU smoke test")
     args = ap.parse_args()
@@ -85,8 +86,9 @@ def main() -> None:
     steps = args.steps or (200 if args.quick else 1000)
     rows = []
     for name in args.workloads.split(","):
-        for explore in (1, 0):  # the default (one exploring column) and the bare warm start
-            rows.append(run_one(name, args.device, steps, args.every, args.probe_batches, explore))
+        for pb in (int(v) for v in args.probe_batches.split(",")):
+            for explore in (1, 0):  # the default (one exploring column) and the bare warm start
+                rows.append(run_one(name, args.device, steps, args.every, pb, explore))
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     meta = {"date": str(date.today()), "device": dev, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "command": "PYTHONPATH=$PWD/src:$PWD python benchmarks/monitor_overhead.py "
