@@ -37,14 +37,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_one(name: str, device: str, steps: int, every: int, probe_batches: int, explore: int, seed: int = 0) -> dict:
+def run_one(name: str, device: str, steps: int, every: int, probe_batches: int, explore: int, tol: float,
+            seed: int = 0) -> dict:
     task = WORKLOADS[name].build(seed, device)
     model = task.model
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     probe = [task.batch(i) for i in range(probe_batches)]  # fixed: materialised once
     loss_fn = CrossEntropy(class_dim=-1)  # (batch, [time,] classes) logits
     mon = CurvatureMonitor(model, loss_fn, probe, every=every, optimizer=opt, explore=explore, seed=seed,
-                           progress=False)
+                           tol=tol, progress=False)
     train_s = 0.0
     for i in range(steps):
         _sync(device)
@@ -61,7 +62,7 @@ def run_one(name: str, device: str, steps: int, every: int, probe_batches: int, 
     warm = mon.history[1:]
     return {
         "workload": name, "device": device, "steps": steps, "every": every, "probe_batches": probe_batches,
-        "probe_examples": sum(int(y.shape[0]) for _, y in probe), "explore": explore,
+        "probe_examples": sum(int(y.shape[0]) for _, y in probe), "explore": explore, "tol": tol,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": train_s, "curvature_seconds": curv_s, "overhead": curv_s / train_s,
         "measurements": len(mon.history), "first_products": mon.history[0].products["sharpness"],
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--probe-batches", default="1,4", help="probe-set sizes in training batches (comma-separated)")
     ap.add_argument("--workloads", default="mnist_cnn,char_lm")
+    ap.add_argument("--tol", default="1e-3,1e-2", help="Lanczos tolerances (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="a short CPU smoke test")
     args = ap.parse_args()
     if args.device == "cpu":
@@ -87,19 +89,20 @@ def main() -> None:
     rows = []
     for name in args.workloads.split(","):
         for pb in (int(v) for v in args.probe_batches.split(",")):
-            for explore in (1, 0):  # the default (one exploring column) and the bare warm start
-                rows.append(run_one(name, args.device, steps, args.every, pb, explore))
+            for tol in (float(v) for v in args.tol.split(",")):
+                for explore in (1, 0):  # the default (one exploring column) and the bare warm start
+                    rows.append(run_one(name, args.device, steps, args.every, pb, explore, tol))
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     meta = {"date": str(date.today()), "device": dev, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "command": "PYTHONPATH=$PWD/src:$PWD python benchmarks/monitor_overhead.py "
                        + " ".join(a for a in os.sys.argv[1:])}
     print(f"# monitor overhead — {meta['device']}, torch {meta['torch']}, {meta['date']}")
-    print(f"{'workload':<10} {'explore':>7} {'steps':>6} {'probe':>6} {'train s':>8} {'curv s':>7} {'overhead':>8} "
+    print(f"{'workload':<10} {'tol':>6} {'explore':>7} {'steps':>6} {'probe':>6} {'train s':>8} {'curv s':>7} {'overhead':>8} "
           f"{'1st prod':>8} {'warm prod (mean)':>16} {'warm blocks (max)':>17}")
     for r in rows:
         wp = sum(r["warm_products"]) / max(1, len(r["warm_products"]))
         wb = max(r["warm_block_products"], default=0)
-        print(f"{r['workload']:<10} {r['explore']:>7} {r['steps']:>6} {r['probe_examples']:>6} {r['train_seconds']:>8.2f} "
+        print(f"{r['workload']:<10} {r['tol']:>6g} {r['explore']:>7} {r['steps']:>6} {r['probe_examples']:>6} {r['train_seconds']:>8.2f} "
               f"{r['curvature_seconds']:>7.2f} {r['overhead']:>7.1%} {r['first_products']:>8} {wp:>16.1f} {wb:>17}")
     out = Path(os.environ.get("OUT") or "benchmarks/results/monitor")
     out.mkdir(parents=True, exist_ok=True)
