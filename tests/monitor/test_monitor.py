@@ -271,3 +271,17 @@ def test_per_group_learning_rates_precondition_sgd():
     ref = torch.linalg.eigvals(torch.diag(scale) @ dense_h(model, loss_fn, data)).real.max()
     assert r.values["preconditioned_sharpness"][0] == pytest.approx(float(ref), abs=1e-8)
     assert r.thresholds["preconditioned_sharpness"] == pytest.approx(2 / 0.4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_monitor_on_cuda_matches_the_cpu_within_its_residual():
+    model, loss_fn, (x, y) = problem(8, hidden=16)
+    ref = float(torch.linalg.eigvalsh(dense_h(model, loss_fn, (x, y)))[-1])
+    model = model.float().cuda()
+    mon = CurvatureMonitor(model, loss_fn, (x.float().cuda(), y.cuda()), tol=1e-4, lr=0.1,
+                           quantities=("sharpness", "preconditioned_sharpness"),
+                           optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(2):
+        r = mon.measure()
+        assert abs(r.values["sharpness"][0] - ref) <= r.errors["sharpness"][0] + 1e-4 * ref
+        assert r.values["preconditioned_sharpness"][0] == pytest.approx(r.values["sharpness"][0], rel=1e-3)

@@ -57,9 +57,9 @@ class CurvatureCallback(TrainerCallback):
             raise ArgumentError("the HF Trainer does not give callbacks the step's batch: drop 'batch_sharpness' "
                                 "(or use CurvatureMonitor in your own loop)")
         self.data, self.loss_fn, self.jsonl, self.plot_path, self.prefix = data, loss_fn, jsonl, plot, prefix
-        self.options = dict(every=every, quantities=tuple(quantities), k=k, curvature=curvature, budget=budget,
-                            tol=tol, seed=seed, raise_on_nonfinite=raise_on_nonfinite, output=output,
-                            gradient="probe", **(monitor_options or {}))
+        self.options = {**dict(every=every, quantities=tuple(quantities), k=k, curvature=curvature, budget=budget,
+                               tol=tol, seed=seed, raise_on_nonfinite=raise_on_nonfinite, output=output,
+                               gradient="probe"), **(monitor_options or {})}
         self._cls = CurvatureMonitor
         self.monitor = None
         self._pending: dict[str, float] = {}

@@ -56,16 +56,13 @@ class CurvatureCallback(Callback):
         if not isinstance(every, int) or isinstance(every, bool) or every <= 0:
             raise ArgumentError(f"every must be a positive integer (measure every that many steps), got {every!r}")
         self.data, self.loss_fn, self.jsonl, self.plot_path, self.prefix = data, loss_fn, jsonl, plot, prefix
-        self.options = dict(every=every, quantities=tuple(quantities), k=k, curvature=curvature, budget=budget,
-                            tol=tol, seed=seed, raise_on_nonfinite=raise_on_nonfinite, **(monitor_options or {}))
+        self.options = {**dict(every=every, quantities=tuple(quantities), k=k, curvature=curvature, budget=budget,
+                               tol=tol, seed=seed, raise_on_nonfinite=raise_on_nonfinite), **(monitor_options or {})}
         self._cls = CurvatureMonitor
         self.monitor = None
         self._pending_state: dict | None = None
         self._needs_batch = "batch_sharpness" in quantities or (
             "grad_overlap" in quantities and self.options.get("gradient", "auto") != "probe")
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        pass
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.monitor is not None:

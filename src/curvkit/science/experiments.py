@@ -180,7 +180,7 @@ def progressive_sharpening(out: Path, quick: bool = False, seed: int = 0) -> dic
     t0 = time.perf_counter()
     x, y = digits_flat(1000)
     Y = F.one_hot(y, 10).float()
-    lr, steps, every = (0.1, 400, 40) if quick else (0.1, 2000, 50)
+    lr, steps, every = (0.1, 200, 25) if quick else (0.1, 2000, 50)
     model = mlp(seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     mon = CurvatureMonitor(model, nn.MSELoss(), (x, Y), every=every, optimizer=opt, seed=seed)
