@@ -100,6 +100,37 @@ def analyze(
         raise typer.Exit(2) from None
 
 
+@app.command()
+def experiment(
+    name: str = typer.Argument(..., help="An experiment name, or 'all' (see the list below)."),
+    out: Path = typer.Option(Path("curvkit-experiments"), help="Output folder for NAME.png and NAME.json."),
+    quick: bool = typer.Option(False, "--quick", help="A reduced size (seconds; for tests), not the criterion's setting."),
+    seed: int = typer.Option(0, help="Seed of the initial weights, batches and probes."),
+    threads: int = typer.Option(1, help="CPU threads (1: small models are fastest on one)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Reproduce a phenomenon of curvature during training on real digits (a plot and a JSON with
+    its criterion and PASS/FAIL): edge_of_stability, adam_edge_of_stability, progressive_sharpening,
+    gradient_subspace, class_outliers, mup_width, batch_size_lr, or all. Exit code 1 if one FAILs."""
+    import torch
+
+    from .science import run
+
+    try:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        results = run(name, out, quick=quick, seed=seed)
+    except CurvkitError as e:
+        if debug:
+            raise
+        typer.echo(f"curvkit: error: {' '.join(str(e).split())}", err=True)
+        raise typer.Exit(2) from None
+    for r in results:
+        typer.echo(f"{r['result']}  {r['experiment']:<24} {r['seconds']:>6.1f} s  {out / (r['experiment'] + '.json')}")
+    if any(r["result"] != "PASS" for r in results):
+        raise typer.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``curvkit``, ``python -m curvkit``)."""
     app(args=argv, prog_name="curvkit")

@@ -224,14 +224,16 @@ class ScaledOperator(LinearOperator):
 
 class ProductOperator(LinearOperator):
     """``A @ B`` applied right to left; ``(A B)^T = B^T A^T``. Symmetric when it is ``A @ A`` of
-    a symmetric ``A`` or one factor is the identity of a symmetric other."""
+    a symmetric ``A``, one factor is the identity of a symmetric other, or it is the congruence
+    ``X @ Y @ X`` (either grouping) of symmetric ``X`` and ``Y`` (e.g. a preconditioned
+    ``D^-1/2 H D^-1/2`` with a :class:`DiagonalOperator` ``D^-1/2``)."""
 
     def __init__(self, A: LinearOperator, B: LinearOperator):
         _same_space(A, B, inner=True)
         self.A, self.B = A, B
         self.shape, self.dtype, self.device = (A.shape[0], B.shape[1]), A.dtype, A.device
         ident = isinstance(A, IdentityOperator) or isinstance(B, IdentityOperator)
-        self.is_symmetric = A.is_symmetric and B.is_symmetric and (A is B or ident)
+        self.is_symmetric = (A.is_symmetric and B.is_symmetric and (A is B or ident)) or _congruence(A, B)
         self.exact_products = _both_exact(A, B)
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -239,6 +241,43 @@ class ProductOperator(LinearOperator):
 
     def _rmatmat(self, V: Tensor) -> Tensor:
         return self.B.rmatmat(self.A.rmatmat(V))
+
+
+def _congruence(A: LinearOperator, B: LinearOperator) -> bool:
+    """Whether ``A @ B`` is ``X @ Y @ X`` with symmetric ``X`` and ``Y``: ``(X Y) X`` or ``X (Y X)``."""
+    if isinstance(A, ProductOperator) and A.A is B:
+        X, Y = B, A.B
+    elif isinstance(B, ProductOperator) and B.B is A:
+        X, Y = A, B.A
+    else:
+        return False
+    return bool(X.is_symmetric and Y.is_symmetric and X.shape[0] == X.shape[1])
+
+
+class DiagonalOperator(LinearOperator):
+    """``diag(d)`` for a vector ``d`` (n,): a product is an elementwise scaling (no pass over data).
+
+    Example:
+        >>> import torch
+        >>> from curvkit.linear_operator import DiagonalOperator, FunctionOperator
+        >>> D = DiagonalOperator(torch.tensor([1.0, 2.0], dtype=torch.float64))
+        >>> A = FunctionOperator(lambda V: V.flip(0), 2, torch.float64)
+        >>> (D @ A @ D).is_symmetric, D @ torch.ones(2, dtype=torch.float64)
+        (True, tensor([1., 2.], dtype=torch.float64))
+    """
+
+    exact_products = True
+
+    def __init__(self, d: Tensor):
+        if not isinstance(d, Tensor) or d.dim() != 1:
+            raise ShapeError(f"a diagonal operator takes a 1-D tensor, got "
+                             f"{tuple(d.shape) if isinstance(d, Tensor) else type(d).__name__}")
+        self.diagonal = d.detach()
+        n = d.shape[0]
+        self.shape, self.dtype, self.device = (n, n), d.dtype, d.device
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return V * self.diagonal.to(V.dtype)[:, None]
 
 
 class AdjointOperator(LinearOperator):
@@ -346,5 +385,5 @@ class BlockDiagonalOperator(LinearOperator, Mapping):
 
 __all__ = [
     "LinearOperator", "SumOperator", "ScaledOperator", "ProductOperator", "AdjointOperator", "IdentityOperator",
-    "FunctionOperator", "BlockDiagonalOperator", "identity_like", "same_device",
+    "FunctionOperator", "BlockDiagonalOperator", "DiagonalOperator", "identity_like", "same_device",
 ]

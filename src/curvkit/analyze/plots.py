@@ -47,7 +47,7 @@ def plot_spectrum(r, path: Path) -> Path:
     o = r.outliers
     if o["threshold"] is not None:
         ax.axvline(o["threshold"], color="0.3", ls="--", lw=1,
-                   label=f"largest gap (×{o['gap_ratio']:.1f}): {o['count']} outliers above it, "
+                   label=f"outlier threshold (bulk edge): {o['count']} outliers above it, "
                          f"{o['num_classes'] or 'n/a'} classes")
     ax.set_xlabel(f"Hessian eigenvalue λ (symmetric-log axis, linear within ±σ = ±{d['sigma']:.2g})")
     ax.set_ylabel("density of eigenvalues (fraction per unit λ)")

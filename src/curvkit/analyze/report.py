@@ -21,11 +21,6 @@ from ..errors import ArgumentError
 from ..model import Risk, layers
 
 SCHEMA_VERSION = "curvkit.report/1"
-OUTLIER_RULE = (
-    "outliers are the top-k Lanczos eigenvalues of the Hessian above the largest ratio gap "
-    "lambda_i / lambda_(i+1) among the positive ones, counted only if that gap is at least 2 "
-    "(else 0); a count of k-1 or more means k was too small to see the gap"
-)
 
 
 @dataclass
@@ -133,7 +128,7 @@ def analyze(
     ``data`` and one forward pass over ``heldout``. Each block product is one pass over ``data``.
     The report's ``cost`` section records what was actually spent, and the seconds.
     """
-    from .. import eigenvalues, ggn, hessian, spectral_density, trace
+    from .. import eigenvalues, ggn, hessian, outliers as find_outliers, spectral_density, trace
 
     if not isinstance(k, int) or k < 1:
         raise ArgumentError(f"k must be a positive integer, got {k!r}")
@@ -203,7 +198,7 @@ def analyze(
     gnorm2 = float(g @ g)
     frac = float((V.T @ g).square().sum()) / gnorm2 if gnorm2 > 0 else 0.0
     density = _density_section(dens, n)
-    outliers = _outliers([float(v) for v in eh.values])
+    out = find_outliers(eigen=eh, density=dens)  # the public rule (ck.outliers): SLQ bulk edge and gaps
     layer_rows = _layer_section(H, ltr, leig)
     n_total = sum(p.numel() for p in model.parameters())
     first_x, _ = H.data.first()
@@ -237,7 +232,8 @@ def analyze(
         gradient={"norm": math.sqrt(gnorm2), "fraction_in_top_k": frac, "k": k,
                   "definition": "||V^T g||^2 / ||g||^2, V the top-k Hessian eigenvectors, g the gradient "
                                 "of the same loss over the same data"},
-        outliers={**outliers, "num_classes": num_classes, "rule": OUTLIER_RULE},
+        outliers={"count": out.count, "gap_ratio": out.gap_ratio, "threshold": out.threshold,
+                  "capped_at_k": out.capped_at_k, "num_classes": num_classes, "rule": out.rule},
         cost={"quantities": cost, "total_products": total_products,
               "total_seconds": round(time.perf_counter() - t_start, 3)},
         warnings=warn_log,
@@ -320,19 +316,6 @@ def _eig_section(r, rec: dict) -> dict:
     res = [float(v) for v in r.residuals]
     return {"values": vals, "residuals": res, "converged": bool(r.converged), "iterations": int(r.iterations),
             **rec}
-
-
-def _outliers(values: list[float]) -> dict:
-    """The count of :data:`OUTLIER_RULE` from descending eigenvalues; ``threshold`` (for the
-    figure) is the geometric mean across the gap."""
-    pos = [v for v in values if v > 0]
-    ratios = [pos[i] / pos[i + 1] for i in range(len(pos) - 1)]
-    best = max(range(len(ratios)), key=ratios.__getitem__, default=None)
-    if best is None or ratios[best] < 2:
-        return {"count": 0, "gap_ratio": max(ratios, default=None), "threshold": None, "capped_at_k": False}
-    count = best + 1
-    return {"count": count, "gap_ratio": ratios[best], "threshold": math.sqrt(pos[best] * pos[best + 1]),
-            "capped_at_k": count >= len(values) - 1}
 
 
 def _density_section(d, n: int) -> dict:

@@ -148,4 +148,4 @@ def spectral_density(
         raise ArgumentError("the grid holds none of the spectral mass; widen it to cover the spectrum")
     # the probes are independent draws: their spread is the density's standard error
     stderr = per_probe.std(1, correction=1) / math.sqrt(probes) if probes > 1 else torch.full_like(t, math.nan)
-    return DensityResult(t, density / mass, nodes, weights, matvecs, sigma, stderr / mass)
+    return DensityResult(t, density / mass, nodes, weights, matvecs, sigma, stderr / mass, dim=n)
