@@ -116,3 +116,59 @@ def test_the_readme_section_runs():
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["lap"].value.shape == (256,) and scope["est"].stderr.shape == (256,)
+
+
+def _poisson_residual():
+    import math
+
+    from curvkit.taylor import PDEResidual
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 1)).to(D)
+    x = torch.rand(40, 2, dtype=D)
+    f = 2 * math.pi**2 * torch.sin(math.pi * x[:, :1]) * torch.sin(math.pi * x[:, 1:])
+    model = PDEResidual(net, lambda net, x: ck.laplacian(net, x).value[:, None])
+    return net, model, x, f
+
+
+def _nested_pinn_loss(net, x, f):
+    from torch.func import functional_call
+
+    shapes = [(k, p.shape, p.numel()) for k, p in net.named_parameters()]
+
+    def loss(flat):
+        i, p = 0, {}
+        for k, s, m in shapes:
+            p[k], i = flat[i : i + m].view(s), i + m
+        xx = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(functional_call(net, p, (xx,)).sum(), xx, create_graph=True)
+        lap = sum(torch.autograd.grad(g[:, j].sum(), xx, create_graph=True)[0][:, j] for j in range(x.shape[1]))
+        return ((lap[:, None] + f) ** 2).mean()
+
+    return loss, torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def test_curvature_of_a_pinn_loss_equals_nested_autograd_and_analyze_runs_on_it():
+    """The operator-preconditioning view: Hessian and Gauss-Newton of the PINN loss itself."""
+    net, model, x, f = _poisson_residual()
+    loss, flat = _nested_pinn_loss(net, x, f)
+    H_ref = torch.autograd.functional.hessian(loss, flat)
+    H = ck.hessian(model, nn.MSELoss(), (x, -f))
+    torch.testing.assert_close(H.dense(), H_ref, atol=1e-10 * float(H_ref.abs().max()), rtol=0)
+    # Gauss-Newton: (2/N) J^T J of the residual's Jacobian in the weights
+    J = torch.autograd.functional.jacobian(lambda fl: _residual_at(net, x, fl), flat)
+    G = ck.ggn(model, nn.MSELoss(), (x, -f))
+    torch.testing.assert_close(G.dense(), 2 / x.shape[0] * J.T @ J, atol=1e-10, rtol=1e-10)
+    r = ck.analyze(model, nn.MSELoss(), (x, -f), k=3, probes=10, density_iterations=20, progress=False)
+    top = torch.linalg.eigvalsh(H_ref).flip(0)[:3]
+    torch.testing.assert_close(torch.tensor(r.hessian["values"], dtype=D), top, rtol=1e-3, atol=0)
+    assert r.density is not None and r.ggn["values"][0] > 0
+
+
+def _residual_at(net, x, flat):
+    from torch.func import functional_call
+
+    i, p = 0, {}
+    for k, q in net.named_parameters():
+        p[k], i = flat[i : i + q.numel()].view(q.shape), i + q.numel()
+    return ck.laplacian(lambda z: functional_call(net, p, (z,)), x).value

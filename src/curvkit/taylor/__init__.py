@@ -3,6 +3,6 @@ and the biharmonic, for physics-informed losses (:mod:`curvkit.taylor.laplacian`
 value that carries its input derivatives through the network (:mod:`curvkit.taylor.jet`)."""
 
 from .jet import Jet
-from .laplacian import LaplacianResult, biharmonic, diffusion, laplacian
+from .laplacian import LaplacianResult, PDEResidual, biharmonic, diffusion, laplacian
 
-__all__ = ["Jet", "LaplacianResult", "laplacian", "diffusion", "biharmonic"]
+__all__ = ["Jet", "LaplacianResult", "PDEResidual", "laplacian", "diffusion", "biharmonic"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ArgumentError, ShapeError
 from ..seeding import generator
@@ -332,3 +332,35 @@ def biharmonic(
         return LaplacianResult(S.sum(0), None, value, None, "exact", K)
     est, err = _mean_stderr(S)
     return LaplacianResult(est, err, value, None, "hutchinson", K)
+
+
+class PDEResidual(nn.Module):
+    """A PDE residual as a model, so the curvature operators, ``ck.analyze`` and the monitor run
+    on a physics-informed loss unchanged.
+
+    ``forward(x)`` returns ``residual(net, x)``, (B, r): e.g. ``lambda net, x: ck.laplacian(net,
+    x).value[:, None]`` for the Poisson equation ``-Δu = f``, paired with ``nn.MSELoss()`` and the
+    targets ``-f``: then ``ck.hessian(PDEResidual(net, residual), nn.MSELoss(), (x, -f))`` is the
+    Hessian of the PINN loss ``mean((Δu + f)^2)`` in the weights of ``net`` (its only parameters),
+    and ``ck.ggn`` of the same is the PINN's Gauss-Newton matrix. Products cost what the residual's
+    forward Laplacian costs, differentiated twice (double backward on the CPU).
+
+    Example:
+        >>> import torch, curvkit as ck
+        >>> from curvkit.taylor import PDEResidual
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> model = PDEResidual(net, lambda net, x: ck.laplacian(net, x).value[:, None])
+        >>> x = torch.rand(32, 2)
+        >>> H = ck.hessian(model, torch.nn.MSELoss(), (x, torch.zeros(32, 1)))
+        >>> H.shape
+        (33, 33)
+    """
+
+    def __init__(self, net: nn.Module, residual: Callable[[nn.Module, Tensor], Tensor]):
+        super().__init__()
+        if not callable(residual):
+            raise ArgumentError(f"residual must be a function (net, x) -> (B, r) tensor, got {type(residual).__name__}")
+        self.net, self.residual = net, residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.residual(self.net, x)
