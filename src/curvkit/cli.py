@@ -85,13 +85,14 @@ def analyze(
         "machine). Pass --threads 1 for small models; in Python, torch.set_num_threads(1).")),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary."),
     fast: bool = typer.Option(False, "--fast", help="A smaller, quicker configuration of the same computation (for tests)."),
+    condition: bool = typer.Option(False, "--condition", help="Also the GGN's condition number (a lower bound; one more Lanczos run)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """A curvature report of a model on its data: top eigenvalues of the Hessian and the GGN,
     trace, spectral density, per-layer sensitivities, gradient/top-subspace overlap; with plots."""
     try:
         _analyze(model, data, loss, checkpoint, unsafe_pickle, params, k, probes, batches, device, dtype,
-                 seed, out, threads, quiet, fast, debug)
+                 seed, out, threads, quiet, fast, debug, condition)
     except CurvkitError as e:
         if debug:
             raise
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
 
 # ----------------------------------------------------------------------------------------------
 def _analyze(model_spec, data_spec, loss_spec, checkpoint, unsafe_pickle, params, k, probes, batches, device,
-             dtype, seed, out, threads, quiet, fast, debug) -> None:
+             dtype, seed, out, threads, quiet, fast, debug, condition=False) -> None:
     import time
 
     import torch
@@ -205,7 +206,7 @@ def _run(ranks, model_spec, data_spec, loss_fn, checkpoint, unsafe_pickle, param
         batch_list, heldout = ranks.shard(batch_list, heldout)
         ranks.same_weights(model)
         description += f"; {ranks.world} processes (torch.distributed), batch i on rank i % {ranks.world}"
-    sizes = dict(k=k, probes=probes)
+    sizes = dict(k=k, probes=probes, condition=condition)
     if fast:
         sizes.update(probes=min(probes, 12), density_probes=3, density_iterations=30, max_matvecs=200)
     report = run_analysis(

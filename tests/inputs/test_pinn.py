@@ -172,3 +172,29 @@ def _residual_at(net, x, flat):
     for k, q in net.named_parameters():
         p[k], i = flat[i : i + q.numel()].view(q.shape), i + q.numel()
     return ck.laplacian(lambda z: functional_call(net, p, (z,)), x).value
+
+
+def test_analyze_reports_the_pinn_ggns_condition_number_as_an_honest_lower_bound():
+    """PINN Gauss-Newton matrices are badly conditioned (here 7e8 with 12 weights, 2e17 with 24)."""
+    from curvkit.taylor import PDEResidual
+
+    torch.manual_seed(0)  # no output bias: a constant does not reach a Laplacian (a zero eigenvalue)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1, bias=False)).to(D)
+    _, _, x, f = _poisson_residual()
+    model = PDEResidual(net, lambda net, x: ck.laplacian(net, x).value[:, None])
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    J = torch.autograd.functional.jacobian(lambda fl: _residual_at(net, x, fl), flat)
+    ev = torch.linalg.eigvalsh(2 / x.shape[0] * J.T @ J)
+    true = float(ev[-1] / ev[0])
+    assert 1e8 < true < 1e10
+    r = ck.analyze(model, nn.MSELoss(), (x, -f), k=3, probes=10, density_iterations=20, progress=False,
+                   condition=True, tol=1e-10)
+    c = r.condition
+    assert c["lower_bound"] <= true * (1 + 1e-6)  # Ritz values lie inside the spectrum: never above
+    assert c["converged"] and abs(c["lower_bound"] - true) <= 1e-4 * true
+    assert "GGN condition number" in r.to_markdown()
+    import json
+
+    json.dumps(r.to_dict())  # plain data
+    assert ck.analyze(model, nn.MSELoss(), (x, -f), k=3, probes=10, density_iterations=20,
+                      progress=False).condition is None

@@ -41,6 +41,11 @@ def render(r) -> str:
          f"{r.outliers['count']}{'+' if r.outliers['capped_at_k'] else ''} / {r.outliers['num_classes'] or 'n/a'}",
          f"gap ×{_f(r.outliers['gap_ratio'], 3)}" if r.outliers["gap_ratio"] else "no gap"],
     ]))
+    if getattr(r, "condition", None):
+        c = r.condition
+        out.append(f"\nGGN condition number ≥ {_f(c['lower_bound'])} (λ_max {_f(c['lambda_max'])}, "
+                   f"λ_min ≤ {_f(c['lambda_min'])}, residual {_f(c['lambda_min_residual'], 2)}, "
+                   f"converged: {c['converged']}).")
     out.append(f"\nOutlier rule: {r.outliers['rule']}."
                + (" The gap is at the end of the top-k: raise k to count the outliers." if r.outliers["capped_at_k"] else ""))
     out.append("\n## Top eigenvalues\n")
