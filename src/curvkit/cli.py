@@ -165,13 +165,13 @@ def _analyze(model_spec, data_spec, loss_spec, checkpoint, unsafe_pickle, params
     ranks = _Ranks.start(device)  # under torchrun: the process group, this rank and the world size
     try:
         _run(ranks, model_spec, data_spec, loss_fn, checkpoint, unsafe_pickle, params, k, probes, batches,
-             ranks.device, dtype, seed, out, threads, quiet, fast, debug, t0)
+             ranks.device, dtype, seed, out, threads, quiet, fast, debug, t0, condition)
     finally:
         ranks.stop()
 
 
 def _run(ranks, model_spec, data_spec, loss_fn, checkpoint, unsafe_pickle, params, k, probes, batches, device,
-         dtype, seed, out, threads, quiet, fast, debug, t0) -> None:
+         dtype, seed, out, threads, quiet, fast, debug, t0, condition=False) -> None:
     import time
 
     import torch
