@@ -198,3 +198,26 @@ def test_analyze_reports_the_pinn_ggns_condition_number_as_an_honest_lower_bound
     json.dumps(r.to_dict())  # plain data
     assert ck.analyze(model, nn.MSELoss(), (x, -f), k=3, probes=10, density_iterations=20,
                       progress=False).condition is None
+
+
+def test_the_monitor_tracks_a_pinn_losss_sharpness_during_training():
+    from curvkit.monitor import CurvatureMonitor
+
+    net, model, x, f = _poisson_residual()
+    data = (x, -f)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    mon = CurvatureMonitor(model, nn.MSELoss(), data, every=5, optimizer=opt, tol=1e-8, progress=False)
+    loss_fn = nn.MSELoss()
+    checked = 0
+    for _ in range(10):
+        opt.zero_grad()
+        loss_fn(model(x), -f).backward()
+        opt.step()
+        before = len(mon.history)
+        mon.step()
+        if len(mon.history) > before:  # measured now, on these weights
+            loss, flat = _nested_pinn_loss(net, x, f)
+            top = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))[-1])
+            assert abs(mon.history[-1].values["sharpness"][0] - top) <= 1e-6 * abs(top)
+            checked += 1
+    assert checked >= 2
