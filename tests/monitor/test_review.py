@@ -1,0 +1,35 @@
+"""Review fixes: each test pins a number the monitor got wrong before."""
+
+import pytest
+import torch
+from torch import nn
+
+from curvkit.monitor import preconditioner
+
+F64 = torch.float64
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 3, generator=g, dtype=F64), torch.randint(0, 2, (16,), generator=g)
+    return model, x, y
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_step_is_lr_p_inverse_times_the_raw_first_moment(amsgrad):
+    # the threshold 2(1+b1)/((1-b1) lr) is that of theta -= lr P^-1 m with m the raw EMA; P must be
+    # the preconditioner of that form, bias corrections included (early steps: 1 - b1^t is far from 1)
+    model, x, y = tiny()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05, betas=(0.9, 0.99), eps=1e-3, amsgrad=amsgrad)
+    params = list(model.parameters())
+    for _ in range(3):
+        before = torch.cat([p.detach().reshape(-1).clone() for p in params])
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        after = torch.cat([p.detach().reshape(-1) for p in params])
+        m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in params])
+        P = preconditioner(opt, params)
+        torch.testing.assert_close(after - before, -0.05 * m / P.diagonal, rtol=1e-10, atol=1e-14)
