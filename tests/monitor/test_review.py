@@ -33,3 +33,32 @@ def test_adam_step_is_lr_p_inverse_times_the_raw_first_moment(amsgrad):
         m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in params])
         P = preconditioner(opt, params)
         torch.testing.assert_close(after - before, -0.05 * m / P.diagonal, rtol=1e-10, atol=1e-14)
+
+
+def sgd_diverges(lam, **opt_kw):
+    theta = torch.ones(1, dtype=F64, requires_grad=True)
+    opt = torch.optim.SGD([theta], **opt_kw)
+    for _ in range(2000):
+        opt.zero_grad()
+        (0.5 * lam * theta.square().sum()).backward()
+        opt.step()
+    return not float(theta.detach().abs()) <= 1.0  # inf or NaN after an overflow: diverged
+
+
+@pytest.mark.parametrize("kw", [dict(momentum=0.9), dict(momentum=0.9, nesterov=True),
+                                dict(momentum=0.5, dampening=0.5), dict(momentum=0.0)])
+def test_sgd_threshold_is_where_torch_sgd_turns_unstable(kw):
+    from curvkit.monitor import CurvatureMonitor
+
+    model, x, y = tiny(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, **kw)
+    mon = CurvatureMonitor(model, nn.CrossEntropyLoss(), (x, y), optimizer=opt,
+                           quantities=("sharpness", "preconditioned_sharpness"))
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    rec = mon.measure()
+    thr = rec.thresholds["sharpness"]
+    assert rec.thresholds["preconditioned_sharpness"] == pytest.approx(thr)
+    assert not sgd_diverges(0.97 * thr, lr=0.1, **kw)
+    assert sgd_diverges(1.03 * thr, lr=0.1, **kw)

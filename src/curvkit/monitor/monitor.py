@@ -20,7 +20,7 @@ from ..model import Risk
 from ..operators import ggn, hessian
 from ..progress import progress as progress_bar
 from ..seeding import seed_int
-from .preconditioner import preconditioner, sgd_threshold
+from .preconditioner import _sgd_group_threshold, preconditioner, sgd_threshold
 
 QUANTITIES = ("sharpness", "preconditioned_sharpness", "trace", "grad_overlap", "outliers", "layer_sharpness",
               "batch_sharpness")
@@ -79,7 +79,7 @@ class CurvatureMonitor:
     - ``"sharpness"``: the top-``k`` eigenvalues of the Hessian (``curvature="ggn"``: the GGN),
       warm-started from the previous measurement's vectors plus ``explore`` random columns (which
       guard against a new direction overtaking the old top); threshold ``2/lr`` for gradient
-      descent, ``(2 + 2 beta)/lr`` with momentum.
+      descent, ``(2 + 2 beta)/lr`` with momentum (:func:`sgd_threshold`: dampening, Nesterov).
     - ``"preconditioned_sharpness"``: the top eigenvalues of ``P^-1/2 H P^-1/2`` (those of
       ``P^-1 H``), ``P`` read from ``optimizer``'s state (:func:`preconditioner`: Adam/AdamW,
       AdaHessian, Sophia, SGD); threshold ``2 (1 + beta1) / ((1 - beta1) lr)`` for the Adam
@@ -236,7 +236,7 @@ class CurvatureMonitor:
         if self.optimizer is None:
             return sgd_threshold(lr)
         if isinstance(self.optimizer, torch.optim.SGD):
-            return sgd_threshold(lr, float(self.optimizer.param_groups[0].get("momentum", 0.0) or 0.0))
+            return _sgd_group_threshold(lr, self.optimizer.param_groups[0])
         return None  # an adaptive optimizer: its threshold is the preconditioned one's
 
     # ------------------------------------------------------------------------------------

@@ -28,10 +28,19 @@ class Preconditioner:
     momentum: float
 
 
-def sgd_threshold(lr: float, momentum: float = 0.0) -> float:
-    """``(2 + 2 beta) / lr``: heavy-ball momentum ``beta`` is stable on a quadratic while the
-    sharpness stays below it (``2 / lr`` for plain gradient descent)."""
-    return (2.0 + 2.0 * momentum) / lr
+def sgd_threshold(lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False) -> float:
+    """The sharpness below which torch's SGD is stable on a quadratic: ``(2 + 2 beta) / lr`` for
+    heavy-ball momentum ``beta`` (``2 / lr`` for plain gradient descent), divided by
+    ``1 - dampening`` (the buffer sums ``(1 - dampening) g``) and, with ``nesterov=True``
+    (the step ``g + beta buf``), by ``1 + 2 beta``: ``(2 + 2 beta) / ((1 + 2 beta) lr)``. Free."""
+    scale = (1.0 - dampening) * (1.0 + 2.0 * momentum if nesterov else 1.0)
+    return (2.0 + 2.0 * momentum) / (scale * lr)
+
+
+def _sgd_group_threshold(lr: float, group: dict) -> float:
+    mom = float(group.get("momentum", 0.0) or 0.0)
+    damp = float(group.get("dampening", 0.0) or 0.0) if mom else 0.0  # torch ignores it without momentum
+    return sgd_threshold(lr, mom, damp, bool(group.get("nesterov", False)) and mom > 0)
 
 
 def adam_threshold(lr: float, beta1: float) -> float:
@@ -68,7 +77,8 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Pr
     same = bool((ratio == 1).all())
     if isinstance(optimizer, torch.optim.SGD):
         mom = float(first.get("momentum", 0.0) or 0.0)
-        return Preconditioner(None if same else ratio, lr, sgd_threshold(lr, mom), "sgd-momentum" if mom else "gd", mom)
+        return Preconditioner(None if same else ratio, lr, _sgd_group_threshold(lr, first),
+                              "sgd-momentum" if mom else "gd", mom)
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, AdaHessian, Sophia)):
         parts = []
         for p in params:
