@@ -62,3 +62,28 @@ def test_sgd_threshold_is_where_torch_sgd_turns_unstable(kw):
     assert rec.thresholds["preconditioned_sharpness"] == pytest.approx(thr)
     assert not sgd_diverges(0.97 * thr, lr=0.1, **kw)
     assert sgd_diverges(1.03 * thr, lr=0.1, **kw)
+
+
+def test_raise_on_error_false_records_a_failed_measurement_and_keeps_the_schedule():
+    import warnings
+
+    from curvkit.errors import DataError
+    from curvkit.monitor import CurvatureMonitor
+
+    model, x, y = tiny(2)
+    probe = (x.clone(), y)
+    mon = CurvatureMonitor(model, nn.CrossEntropyLoss(), probe, every=2, lr=0.1, raise_on_error=False)
+    mon.step()
+    probe[0].add_(1.0)  # the probe set changed: the next measurement fails
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            mon.step()
+    assert [r.step for r in mon.history] == [0, 2, 4]
+    assert all(r.info.get("failed") and "changed" in r.message for r in mon.history[1:])
+    assert sum("failed and was recorded" in str(w.message) for w in caught) == 1
+    strict = CurvatureMonitor(model, nn.CrossEntropyLoss(), probe, every=1, lr=0.1)
+    strict.step()
+    probe[0].add_(1.0)
+    with pytest.raises(DataError, match="changed"):
+        strict.step()

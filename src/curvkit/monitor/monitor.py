@@ -108,6 +108,10 @@ class CurvatureMonitor:
             records the period in force.
         raise_on_nonfinite: raise :class:`~curvkit.errors.NonFiniteError` on NaN/inf weights or
             curvature instead of recording a ``nonfinite`` record and carrying on.
+        raise_on_error: False: any other failure of a measurement (a changed probe set, a
+            failed product, out of memory) is recorded instead (``Record.message``,
+            ``info["failed"]``, the values measured before it) with one warning, and training
+            goes on; the framework callbacks pass False. True (default): it raises.
         progress: a progress line (``None``: only when stderr is a terminal).
 
     Cost per measurement: the sharpness, a few block products of ``k + explore`` columns (warm:
@@ -159,6 +163,7 @@ class CurvatureMonitor:
         max_batch: int | None = None,
         seed: int | torch.Generator | None = 0,
         raise_on_nonfinite: bool = False,
+        raise_on_error: bool = True,
         progress: bool | None = None,
     ):
         if not isinstance(every, int) or isinstance(every, bool) or every <= 0:
@@ -191,6 +196,7 @@ class CurvatureMonitor:
         self.trace_probes, self.outlier_k = trace_probes, outlier_k
         self.density_iterations, self.density_probes = density_iterations, density_probes
         self.gradient, self.raise_on_nonfinite, self.progress = gradient, raise_on_nonfinite, progress
+        self.raise_on_error = bool(raise_on_error)
         self.params, self.mode, self.output, self.max_batch = params, mode, output, max_batch
         self.seed = seed_int(seed)
         build = ggn if curvature == "ggn" else hessian
@@ -210,6 +216,7 @@ class CurvatureMonitor:
         self._train_seconds, self._train_intervals, self._curv_seconds = 0.0, 0, 0.0
         self._last_end: float | None = None
         self._warned = False
+        self._warned_error = False
         self._bar = None
 
     # ------------------------------------------------------------------------------------
@@ -277,6 +284,14 @@ class CurvatureMonitor:
             if self.raise_on_nonfinite:
                 raise
             rec.nonfinite, rec.message = True, str(e)
+        except Exception as e:  # noqa: BLE001 (raise_on_error=False: training must go on)
+            if self.raise_on_error:
+                raise
+            rec.message, rec.info["failed"] = f"{type(e).__name__}: {e}", True
+            if not self._warned_error:
+                warnings.warn(f"a curvature measurement at step {step} failed and was recorded "
+                              f"(Record.message); training goes on: {rec.message}", CurvkitWarning, stacklevel=4)
+                self._warned_error = True
         spent = time.perf_counter() - t_start
         self._curv_seconds += spent
         rec.seconds["total"] = spent
