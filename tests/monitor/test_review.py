@@ -87,3 +87,24 @@ def test_raise_on_error_false_records_a_failed_measurement_and_keeps_the_schedul
     probe[0].add_(1.0)
     with pytest.raises(DataError, match="changed"):
         strict.step()
+
+
+def test_a_replaced_parameter_or_a_dtype_change_is_refused_not_measured_stale():
+    from curvkit.errors import ModelError
+    from curvkit.monitor import CurvatureMonitor
+
+    model, x, y = tiny(3)
+    mon = CurvatureMonitor(model, nn.CrossEntropyLoss(), (x, y), every=1, lr=0.1)
+    mon.step()
+    model[2].weight = nn.Parameter(3.0 * model[2].weight.detach())  # a new tensor, not an in-place update
+    with pytest.raises(ModelError, match="replaced"):
+        mon.step()
+    model, x, y = tiny(4)
+    mon = CurvatureMonitor(model, nn.CrossEntropyLoss(), (x, y), every=1, lr=0.1)
+    model.load_state_dict({k: 2 * v for k, v in model.state_dict().items()})  # in place: followed
+    torch.testing.assert_close(torch.tensor(mon.measure().values["sharpness"][0], dtype=F64),
+                               torch.linalg.eigvalsh(__import__("curvkit").hessian(
+                                   model, nn.CrossEntropyLoss(), (x, y)).dense())[-1], rtol=1e-3, atol=1e-8)
+    model.float()
+    with pytest.raises(ModelError, match="dtype"):
+        mon.measure()

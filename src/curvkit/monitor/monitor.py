@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..errors import ArgumentError, CurvkitWarning, NonFiniteError
+from ..errors import ArgumentError, CurvkitWarning, ModelError, NonFiniteError
 from ..linalg import eigenvalues, grad_overlap, outliers, trace
 from ..linear_operator import DiagonalOperator
 from ..model import Risk
@@ -74,7 +74,9 @@ class CurvatureMonitor:
 
     Each measurement runs on the fixed probe set ``data`` (batches that must be the same at every
     measurement, as for every curvkit operator) with the model in eval mode, on its current
-    weights: the operators are built once and follow the live parameters. Quantities, by name:
+    weights: the operators are built once and follow the live parameters (updated in place, as
+    optimizers and ``load_state_dict`` do; a replaced ``Parameter`` or a ``model.to()`` to another
+    dtype or device raises ModelError: build a new monitor). Quantities, by name:
 
     - ``"sharpness"``: the top-``k`` eigenvalues of the Hessian (``curvature="ggn"``: the GGN),
       warm-started from the previous measurement's vectors plus ``explore`` random columns (which
@@ -358,6 +360,13 @@ class CurvatureMonitor:
 
     def _run(self, rec: Record, batch: Any) -> None:
         H, q = self.operator, self.quantities
+        live = dict(self.model.named_parameters())
+        for name, p in H.space.named:
+            if live.get(name) is not p or p.dtype != H.space.dtype or p.device != H.space.device:
+                # a replaced Parameter (or a model.to() to another dtype/device) would be measured stale
+                raise ModelError(f"parameter {name!r} was replaced or moved to another dtype/device since the "
+                                 "monitor was built; build a new CurvatureMonitor for the model as it is now "
+                                 "(load_state_dict carries the history over)")
         for name, p in H.space.named:
             if not bool(torch.isfinite(p).all()):
                 raise NonFiniteError(f"parameter {name!r} holds NaN/inf at step {rec.step}: training diverged")
