@@ -67,3 +67,34 @@ def test_callback_logs_writes_and_matches_the_monitor(tmp_path):
     again.load_state_dict(state)
     again.on_train_start(trainer, module)
     assert [r.step for r in again.history] == [0, 3, 6]
+
+
+def test_a_failing_measurement_does_not_stop_training_and_only_rank_zero_writes(tmp_path):
+    import types
+    import warnings
+
+    torch.manual_seed(0)
+    x, y = data()
+    probe = (x.clone(), y)
+    module = Module()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+    class Mutate(pl.Callback):  # re-augments the probe set in place (on the CPU the monitor holds
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, i):  # these tensors): a failure
+            if trainer.global_step == 2:
+                probe[0].add_(1.0)
+
+    cb = CurvatureCallback(probe, nn.CrossEntropyLoss(), every=2, jsonl=tmp_path / "c.jsonl")
+    trainer = pl.Trainer(max_steps=6, callbacks=[Mutate(), cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+    assert trainer.global_step == 6
+    failed = [r for r in cb.history if r.info.get("failed")]
+    assert failed and "changed" in failed[0].message
+    assert sum("failed and was recorded" in str(w.message) for w in caught) == 1
+    assert (tmp_path / "c.jsonl").exists()
+    (tmp_path / "c.jsonl").unlink()
+    cb.on_train_end(types.SimpleNamespace(is_global_zero=False), module)
+    assert not (tmp_path / "c.jsonl").exists()

@@ -101,7 +101,8 @@ def test_preconditioned_sharpness_of_adam_is_that_of_p_inverse_h():
                            quantities=("sharpness", "preconditioned_sharpness"))
     train(model, loss_fn, data, opt, mon, 5)
     r = mon.history[-1]
-    P = torch.cat([((opt.state[p]["exp_avg_sq"] / (1 - 0.99 ** int(opt.state[p]["step"]))).sqrt() + 1e-8).reshape(-1)
+    t = int(opt.state[model[0].weight]["step"])  # the first moment's bias correction 1 - b1^t is part of P
+    P = torch.cat([(1 - 0.9**t) * ((opt.state[p]["exp_avg_sq"] / (1 - 0.99 ** t)).sqrt() + 1e-8).reshape(-1)
                    for p in model.parameters()])
     ref = torch.linalg.eigvals(torch.diag(1 / P) @ dense_h(model, loss_fn, data)).real.max()
     assert abs(r.values["preconditioned_sharpness"][0] - float(ref)) <= r.errors["preconditioned_sharpness"][0] + 1e-9 * float(ref)

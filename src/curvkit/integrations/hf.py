@@ -34,7 +34,10 @@ class CurvatureCallback(TrainerCallback):
     (``(inputs, targets)`` pairs; dict inputs are passed as ``model(**inputs)``; pick the logits
     with ``output="logits"``) moved to the model's device. The Trainer zeroes the gradients before
     ``on_step_end`` and does not pass the batch, so ``batch_sharpness`` is refused and
-    ``grad_overlap`` uses the probe set's gradient.
+    ``grad_overlap`` uses the probe set's gradient. A measurement that fails is recorded
+    (``Record.message``) with one warning and training goes on (``raise_on_nonfinite=True``
+    still raises on NaN/inf). Under DDP every process measures (the products all-reduce) and
+    only the world process zero writes ``jsonl`` and ``plot``.
 
     Args:
         data, loss_fn, every, quantities, k, curvature, budget, tol, seed, raise_on_nonfinite,
@@ -59,6 +62,7 @@ class CurvatureCallback(TrainerCallback):
         self.data, self.loss_fn, self.jsonl, self.plot_path, self.prefix = data, loss_fn, jsonl, plot, prefix
         self.options = {**dict(every=every, quantities=tuple(quantities), k=k, curvature=curvature, budget=budget,
                                tol=tol, seed=seed, raise_on_nonfinite=raise_on_nonfinite, output=output,
+                               raise_on_error=False,  # a failed measurement is recorded, training goes on
                                gradient="probe"), **(monitor_options or {})}
         self._cls = CurvatureMonitor
         self.monitor = None
@@ -90,6 +94,8 @@ class CurvatureCallback(TrainerCallback):
         if self.monitor is None:
             return
         self.monitor.close()
+        if not getattr(state, "is_world_process_zero", True):  # one writer under DDP
+            return
         if self.jsonl:
             self.monitor.to_jsonl(self.jsonl)
         if self.plot_path and self.monitor.history:

@@ -33,6 +33,9 @@ class CurvatureCallback(Callback):
     device; then ``on_train_batch_end`` calls ``monitor.step(batch=...)`` (the batch is passed when
     a quantity needs it). At the end of training the history goes to ``jsonl`` and ``plot`` (if
     given). The callback's ``state_dict`` carries the monitor's, so a resumed run resumes it.
+    A measurement that fails is recorded (``Record.message``) with one warning and training goes
+    on (``raise_on_nonfinite=True`` still raises on NaN/inf). Under DDP every rank measures (the
+    products all-reduce) and only global rank zero writes ``jsonl`` and ``plot``.
 
     Args:
         data: the fixed probe set: an ``(inputs, targets)`` batch or a list of them.
@@ -57,7 +60,9 @@ class CurvatureCallback(Callback):
             raise ArgumentError(f"every must be a positive integer (measure every that many steps), got {every!r}")
         self.data, self.loss_fn, self.jsonl, self.plot_path, self.prefix = data, loss_fn, jsonl, plot, prefix
         self.options = {**dict(every=every, quantities=tuple(quantities), k=k, curvature=curvature, budget=budget,
-                               tol=tol, seed=seed, raise_on_nonfinite=raise_on_nonfinite), **(monitor_options or {})}
+                               tol=tol, seed=seed, raise_on_nonfinite=raise_on_nonfinite,
+                               raise_on_error=False),  # a failed measurement is recorded, training goes on
+                        **(monitor_options or {})}
         self._cls = CurvatureMonitor
         self.monitor = None
         self._pending_state: dict | None = None
@@ -84,6 +89,8 @@ class CurvatureCallback(Callback):
         if self.monitor is None:
             return
         self.monitor.close()
+        if not getattr(trainer, "is_global_zero", True):  # one writer under DDP
+            return
         if self.jsonl:
             self.monitor.to_jsonl(self.jsonl)
         if self.plot_path and self.monitor.history:

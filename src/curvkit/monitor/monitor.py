@@ -13,14 +13,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..errors import ArgumentError, CurvkitWarning, NonFiniteError
+from ..errors import ArgumentError, CurvkitWarning, ModelError, NonFiniteError
 from ..linalg import eigenvalues, grad_overlap, outliers, trace
 from ..linear_operator import DiagonalOperator
 from ..model import Risk
 from ..operators import ggn, hessian
 from ..progress import progress as progress_bar
 from ..seeding import seed_int
-from .preconditioner import preconditioner, sgd_threshold
+from .preconditioner import _sgd_group_threshold, preconditioner, sgd_threshold
 
 QUANTITIES = ("sharpness", "preconditioned_sharpness", "trace", "grad_overlap", "outliers", "layer_sharpness",
               "batch_sharpness")
@@ -74,12 +74,14 @@ class CurvatureMonitor:
 
     Each measurement runs on the fixed probe set ``data`` (batches that must be the same at every
     measurement, as for every curvkit operator) with the model in eval mode, on its current
-    weights: the operators are built once and follow the live parameters. Quantities, by name:
+    weights: the operators are built once and follow the live parameters (updated in place, as
+    optimizers and ``load_state_dict`` do; a replaced ``Parameter`` or a ``model.to()`` to another
+    dtype or device raises ModelError: build a new monitor). Quantities, by name:
 
     - ``"sharpness"``: the top-``k`` eigenvalues of the Hessian (``curvature="ggn"``: the GGN),
       warm-started from the previous measurement's vectors plus ``explore`` random columns (which
       guard against a new direction overtaking the old top); threshold ``2/lr`` for gradient
-      descent, ``(2 + 2 beta)/lr`` with momentum.
+      descent, ``(2 + 2 beta)/lr`` with momentum (:func:`sgd_threshold`: dampening, Nesterov).
     - ``"preconditioned_sharpness"``: the top eigenvalues of ``P^-1/2 H P^-1/2`` (those of
       ``P^-1 H``), ``P`` read from ``optimizer``'s state (:func:`preconditioner`: Adam/AdamW,
       AdaHessian, Sophia, SGD); threshold ``2 (1 + beta1) / ((1 - beta1) lr)`` for the Adam
@@ -108,6 +110,10 @@ class CurvatureMonitor:
             records the period in force.
         raise_on_nonfinite: raise :class:`~curvkit.errors.NonFiniteError` on NaN/inf weights or
             curvature instead of recording a ``nonfinite`` record and carrying on.
+        raise_on_error: False: any other failure of a measurement (a changed probe set, a
+            failed product, out of memory) is recorded instead (``Record.message``,
+            ``info["failed"]``, the values measured before it) with one warning, and training
+            goes on; the framework callbacks pass False. True (default): it raises.
         progress: a progress line (``None``: only when stderr is a terminal).
 
     Cost per measurement: the sharpness, a few block products of ``k + explore`` columns (warm:
@@ -159,6 +165,7 @@ class CurvatureMonitor:
         max_batch: int | None = None,
         seed: int | torch.Generator | None = 0,
         raise_on_nonfinite: bool = False,
+        raise_on_error: bool = True,
         progress: bool | None = None,
     ):
         if not isinstance(every, int) or isinstance(every, bool) or every <= 0:
@@ -191,6 +198,7 @@ class CurvatureMonitor:
         self.trace_probes, self.outlier_k = trace_probes, outlier_k
         self.density_iterations, self.density_probes = density_iterations, density_probes
         self.gradient, self.raise_on_nonfinite, self.progress = gradient, raise_on_nonfinite, progress
+        self.raise_on_error = bool(raise_on_error)
         self.params, self.mode, self.output, self.max_batch = params, mode, output, max_batch
         self.seed = seed_int(seed)
         build = ggn if curvature == "ggn" else hessian
@@ -210,6 +218,7 @@ class CurvatureMonitor:
         self._train_seconds, self._train_intervals, self._curv_seconds = 0.0, 0, 0.0
         self._last_end: float | None = None
         self._warned = False
+        self._warned_error = False
         self._bar = None
 
     # ------------------------------------------------------------------------------------
@@ -236,7 +245,7 @@ class CurvatureMonitor:
         if self.optimizer is None:
             return sgd_threshold(lr)
         if isinstance(self.optimizer, torch.optim.SGD):
-            return sgd_threshold(lr, float(self.optimizer.param_groups[0].get("momentum", 0.0) or 0.0))
+            return _sgd_group_threshold(lr, self.optimizer.param_groups[0])
         return None  # an adaptive optimizer: its threshold is the preconditioned one's
 
     # ------------------------------------------------------------------------------------
@@ -277,6 +286,14 @@ class CurvatureMonitor:
             if self.raise_on_nonfinite:
                 raise
             rec.nonfinite, rec.message = True, str(e)
+        except Exception as e:  # noqa: BLE001 (raise_on_error=False: training must go on)
+            if self.raise_on_error:
+                raise
+            rec.message, rec.info["failed"] = f"{type(e).__name__}: {e}", True
+            if not self._warned_error:
+                warnings.warn(f"a curvature measurement at step {step} failed and was recorded "
+                              f"(Record.message); training goes on: {rec.message}", CurvkitWarning, stacklevel=4)
+                self._warned_error = True
         spent = time.perf_counter() - t_start
         self._curv_seconds += spent
         rec.seconds["total"] = spent
@@ -343,6 +360,13 @@ class CurvatureMonitor:
 
     def _run(self, rec: Record, batch: Any) -> None:
         H, q = self.operator, self.quantities
+        live = dict(self.model.named_parameters())
+        for name, p in H.space.named:
+            if live.get(name) is not p or p.dtype != H.space.dtype or p.device != H.space.device:
+                # a replaced Parameter (or a model.to() to another dtype/device) would be measured stale
+                raise ModelError(f"parameter {name!r} was replaced or moved to another dtype/device since the "
+                                 "monitor was built; build a new CurvatureMonitor for the model as it is now "
+                                 "(load_state_dict carries the history over)")
         for name, p in H.space.named:
             if not bool(torch.isfinite(p).all()):
                 raise NonFiniteError(f"parameter {name!r} holds NaN/inf at step {rec.step}: training diverged")

@@ -28,10 +28,19 @@ class Preconditioner:
     momentum: float
 
 
-def sgd_threshold(lr: float, momentum: float = 0.0) -> float:
-    """``(2 + 2 beta) / lr``: heavy-ball momentum ``beta`` is stable on a quadratic while the
-    sharpness stays below it (``2 / lr`` for plain gradient descent)."""
-    return (2.0 + 2.0 * momentum) / lr
+def sgd_threshold(lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False) -> float:
+    """The sharpness below which torch's SGD is stable on a quadratic: ``(2 + 2 beta) / lr`` for
+    heavy-ball momentum ``beta`` (``2 / lr`` for plain gradient descent), divided by
+    ``1 - dampening`` (the buffer sums ``(1 - dampening) g``) and, with ``nesterov=True``
+    (the step ``g + beta buf``), by ``1 + 2 beta``: ``(2 + 2 beta) / ((1 + 2 beta) lr)``. Free."""
+    scale = (1.0 - dampening) * (1.0 + 2.0 * momentum if nesterov else 1.0)
+    return (2.0 + 2.0 * momentum) / (scale * lr)
+
+
+def _sgd_group_threshold(lr: float, group: dict) -> float:
+    mom = float(group.get("momentum", 0.0) or 0.0)
+    damp = float(group.get("dampening", 0.0) or 0.0) if mom else 0.0  # torch ignores it without momentum
+    return sgd_threshold(lr, mom, damp, bool(group.get("nesterov", False)) and mom > 0)
 
 
 def adam_threshold(lr: float, beta1: float) -> float:
@@ -43,8 +52,11 @@ def adam_threshold(lr: float, beta1: float) -> float:
 def preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Preconditioner:
     """The diagonal preconditioner of ``optimizer`` for ``params`` (flat in their order).
 
-    Adam/AdamW: ``sqrt(v / (1 - beta2^t)) + eps`` (``max_exp_avg_sq`` with amsgrad); AdaHessian:
-    ``(sqrt(v / (1 - beta2^s)))^power + eps``; Sophia: ``max(gamma h, eps)`` (its update is this
+    Adam/AdamW: ``(1 - beta1^t) (sqrt(v / (1 - beta2^t)) + eps)`` (``max_exp_avg_sq`` with
+    amsgrad); AdaHessian: ``(1 - beta1^t) ((sqrt(v / (1 - beta2^s)))^power + eps)``. The factor
+    ``1 - beta1^t`` is the first moment's bias correction: the step is ``lr P^-1 m`` with ``m`` the
+    raw EMA of the gradients, the heavy-ball form whose threshold is :func:`adam_threshold`
+    (Cohen et al. 2022, section 2; it matters early in training, ``1 - 0.9^10 = 0.65``). Sophia: ``max(gamma h, eps)`` (its update is this
     preconditioner until the clip acts); SGD: the identity. Param groups whose learning rate
     differs from the first group's (``lr``) multiply their part of ``P`` by ``lr / lr_group``. Parameters that the optimizer has no
     state for yet (before its first step) raise ArgumentError. Free (reads the state).
@@ -65,7 +77,8 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Pr
     same = bool((ratio == 1).all())
     if isinstance(optimizer, torch.optim.SGD):
         mom = float(first.get("momentum", 0.0) or 0.0)
-        return Preconditioner(None if same else ratio, lr, sgd_threshold(lr, mom), "sgd-momentum" if mom else "gd", mom)
+        return Preconditioner(None if same else ratio, lr, _sgd_group_threshold(lr, first),
+                              "sgd-momentum" if mom else "gd", mom)
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, AdaHessian, Sophia)):
         parts = []
         for p in params:
@@ -82,10 +95,11 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Pr
             else:
                 v = st["max_exp_avg_sq"] if g.get("amsgrad") else st["exp_avg_sq"]
                 t, power = int(st["step"]), 1.0
-            if t < 1:
+            t1 = int(st["step"])  # the first moment's count (AdaHessian refreshes v less often)
+            if t < 1 or t1 < 1:
                 raise ArgumentError("the optimizer has no second moment yet (it has not stepped); measure after "
                                     "its first step")
-            parts.append(((v / (1 - b2**t)).sqrt() ** power + g["eps"]).reshape(-1))
+            parts.append(((1 - b1**t1) * ((v / (1 - b2**t)).sqrt() ** power + g["eps"])).reshape(-1))
         b1 = float(first["betas"][0])
         return Preconditioner(torch.cat(parts).to(params[0].dtype) * ratio, lr, adam_threshold(lr, b1),
                               type(optimizer).__name__, b1)
