@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ArgumentError
 from ..model.data import map_tensors
-from .metrics import FrameworkMissing, record_metrics
+from .metrics import FrameworkMissing, finish, record_metrics
 
 try:
     from transformers import TrainerCallback
@@ -91,15 +91,7 @@ class CurvatureCallback(TrainerCallback):
             self._pending = {}
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.monitor is None:
-            return
-        self.monitor.close()
-        if not getattr(state, "is_world_process_zero", True):  # one writer under DDP
-            return
-        if self.jsonl:
-            self.monitor.to_jsonl(self.jsonl)
-        if self.plot_path and self.monitor.history:
-            self.monitor.plot(self.plot_path)
+        finish(self.monitor, getattr(state, "is_world_process_zero", True), self.jsonl, self.plot_path)
 
     @property
     def history(self) -> list:

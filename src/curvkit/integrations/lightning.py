@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..model.data import map_tensors
-from .metrics import FrameworkMissing, record_metrics
+from .metrics import FrameworkMissing, finish, record_metrics
 
 try:
     from lightning.pytorch import Callback
@@ -86,15 +86,7 @@ class CurvatureCallback(Callback):
             trainer.lightning_module.log_dict(record_metrics(rec, self.prefix), on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.monitor is None:
-            return
-        self.monitor.close()
-        if not getattr(trainer, "is_global_zero", True):  # one writer under DDP
-            return
-        if self.jsonl:
-            self.monitor.to_jsonl(self.jsonl)
-        if self.plot_path and self.monitor.history:
-            self.monitor.plot(self.plot_path)
+        finish(self.monitor, getattr(trainer, "is_global_zero", True), self.jsonl, self.plot_path)
 
     @property
     def history(self) -> list:

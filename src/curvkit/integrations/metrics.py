@@ -35,3 +35,17 @@ def record_metrics(rec: Any, prefix: str = "curvature/") -> dict[str, float]:
         out[f"{prefix}batch_over_full"] = float(rec.info["batch_over_full"])
     out[f"{prefix}seconds"] = float(rec.seconds.get("total", 0.0))
     return out
+
+
+def finish(monitor: Any, writer: bool, jsonl: Any, plot_path: Any) -> None:
+    """End of training for an adapter: close the monitor's progress line and, on the one writing
+    process (rank 0 under DDP), write its JSONL and plot."""
+    if monitor is None:
+        return
+    monitor.close()
+    if not writer:
+        return
+    if jsonl:
+        monitor.to_jsonl(jsonl)
+    if plot_path and monitor.history:
+        monitor.plot(plot_path)
