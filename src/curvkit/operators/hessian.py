@@ -31,9 +31,10 @@ class HessianOperator(CurvatureOperator):
     (``jvp`` of ``grad``, ``torch.func``) vmapped over the k probes, so the forward and backward
     pass that all probes share run once, or by double backward (``autograd.grad`` of the
     gradient, one backward per probe). ``method="auto"``: double backward on the CPU; on CUDA it
-    measures both on the first batch of the first product (time and peak memory) and keeps the
-    faster, or the one that needs less memory when they are within 10% of each other (the case
-    of large models, where double backward needs about 0.6x the memory): :attr:`choice` holds the
+    measures both on a quarter of the first batch of the first product (time and peak memory)
+    and keeps the faster, or the one that needs less memory when they are within 10% of each
+    other, and double backward wherever a product's memory would pass a quarter of the device
+    (large models, where double backward needs about 0.6x the memory): :attr:`choice` holds the
     measurement and :attr:`strategy` says which runs. Models that ``vmap`` cannot batch fall back to one probe at
     a time, and models without forward-mode derivatives to double backward; every path gives the
     same matrix. ``method`` forces one.
