@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any, Literal
 
@@ -145,6 +146,7 @@ class HessianOperator(CurvatureOperator):
                                "why": "forward-over-reverse ran out of memory on a slice of the first batch"}
                 return
             del graphs
+            gc.collect()  # the slice graph's pool is freed only with its last reference (cycles included)
         if self.strategy == "double-backward":  # the transform could not run this model: nothing to choose
             self._graphs = None
             self.choice = {"chosen": "double-backward", "why": "forward-over-reverse cannot run this model"}
