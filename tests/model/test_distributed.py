@@ -142,7 +142,26 @@ def refusals(rank: int, world: int) -> dict:
         "nan_first_batch": _refused(lambda: ck.hessian(make_model(), loss_fn(), nan_first)),
         "nan_later_batch": _refused(lambda: H_later @ probes(H.shape[0])),
         "empty_shard": _refused(lambda: ck.hessian(make_model(), loss_fn(), data if rank else [])),
+        # fails on its first batch of a pass, before any sums exist: it still joins the all-reduce
+        "error_first_product": _refused(lambda: ck.hessian(_FailsUnderGrad(rank == last), loss_fn(), data)
+                                        @ probes(H.shape[0])),
+        "error_first_gradient": _refused(lambda: ck.hessian(_FailsUnderGrad(rank == last), loss_fn(), data)
+                                         .risk.loss_and_gradient()),
     }
+
+
+class _FailsUnderGrad(nn.Module):
+    """The test model, raising a plain RuntimeError on one rank once gradients are taken (the
+    operator's first-batch check runs without them, so it passes there)."""
+
+    def __init__(self, fail: bool):
+        super().__init__()
+        self.inner, self.fail = make_model(), fail
+
+    def forward(self, x):
+        if self.fail and torch.is_grad_enabled():
+            raise RuntimeError("boom on this rank")
+        return self.inner(x)
 
 
 def _count_all_reduces(fn) -> int:
@@ -308,6 +327,17 @@ def test_disagreeing_ranks_are_refused_on_every_rank(group, case):
             assert {"NonFiniteError": "the loss is nan on batch", "DataError": "empty"}[cls] in msg, msg
         else:  # the others say which rank stopped and why they stop too
             assert f"rank {culprit} stopped with {cls}" in msg and "none waits" in msg, msg
+
+
+@pytest.mark.parametrize("case", ["error_first_product", "error_first_gradient"])
+def test_an_error_before_any_batch_is_done_stops_every_rank(group, case):
+    """It used to stay on its rank while the others waited in the all-reduce for good."""
+    world, _ = group
+    for rank, (name, msg) in enumerate(r[case] for r in _results(group, "refusals")):
+        if rank == world - 1:
+            assert name == "RuntimeError" and "boom" in msg, msg
+        else:
+            assert name == "CurvkitError" and f"rank {world - 1} stopped with an error that is not curvkit's" in msg, msg
 
 
 def test_the_group_is_still_in_step_after_every_refusal(group, one_process):

@@ -189,7 +189,8 @@ class Risk:
             else:
                 yield i, x, y
 
-    def accumulate(self, fn: BatchFn, check: Tensor | None = None, what: str = "curvature product") -> Totals:
+    def accumulate(self, fn: BatchFn, check: Tensor | None = None, what: str = "curvature product",
+                   shapes: list[tuple[int, ...]] | None = None) -> Totals:
         """One pass over the data: ``sum_b fn(batch b)``.
 
         ``fn(inputs, targets, index)`` returns ``(sums, loss, weight)``: the batch's contributions
@@ -205,8 +206,9 @@ class Risk:
         ``i`` of ``rank``, so that per-batch random draws seeded by it (MC Fisher, MC K-FAC) are
         the same as one process on all the data when batch ``j`` is given to rank ``j % world``,
         and differ between ranks however the data is sharded. An error on one rank is raised on every rank (the others
-        raise its class, naming that rank), except one met before this rank's first batch is done
-        (the size of the all-reduce is not known yet): that one stays on its rank.
+        raise its class, naming that rank). ``shapes``: the shapes of the sums, where the caller
+        knows them, so that a rank that fails before its first batch is done can still join the
+        all-reduce (without them such an error stays on its rank, and the others wait for it).
         """
         self._stream = None  # a new pass: every batch's draws start from their own seed again
         sums: list[Tensor] | None = None
@@ -237,14 +239,18 @@ class Risk:
                     where.append(i)
         except Exception as e:
             # the other ranks are (or will be) in the all-reduce: join it to tell them, which needs
-            # the sums' sizes, known once a batch is done (a failure before that stays local)
-            if self.group is None or sums is None:
+            # the sums' sizes, known once a batch is done or from the caller's shapes
+            if self.group is None or (sums is None and shapes is None):
                 raise
+            if sums is None:
+                sums = [torch.zeros(sh, dtype=_acc(self.space.dtype), device=self.space.device) for sh in shapes]
             failed = e
         assert sums is not None  # Batches guarantees a batch
-        loss_t = torch.stack(losses)
+        dev = sums[0].device
+        loss_t = torch.stack(losses) if losses else torch.zeros(0, dtype=torch.float64, device=dev)
         bad_local = ~torch.isfinite(loss_t)
-        stats = [torch.stack(weighted).nansum().reshape(1), torch.as_tensor(weight, dtype=torch.float64, device=loss_t.device).reshape(1),
+        wsum = torch.stack(weighted).nansum() if weighted else torch.zeros((), dtype=torch.float64, device=dev)
+        stats = [wsum.reshape(1), torch.as_tensor(weight, dtype=torch.float64, device=loss_t.device).reshape(1),
                  torch.tensor([float(examples)], dtype=torch.float64, device=loss_t.device),
                  bad_local.sum().reshape(1).to(torch.float64)]
         codes = None
@@ -339,14 +345,16 @@ class Risk:
                 on_batch(out, y)
             return []
 
-        totals = self.gradient_pass(extra)
+        totals = self.gradient_pass(extra, extra_shapes=[])
         return totals.loss, totals.mean(totals.sums[0])
 
-    def gradient_pass(self, extra: Callable[[Any, Tensor, int], list[Tensor]] | None = None) -> Totals:
+    def gradient_pass(self, extra: Callable[[Any, Tensor, int], list[Tensor]] | None = None,
+                      extra_shapes: list[tuple[int, ...]] | None = None) -> Totals:
         """One forward and backward pass: ``sums[0]`` is the weighted sum of the batches' gradients
         (flat; ``Totals.mean`` of it is the gradient), followed by the sums of what
         ``extra(outputs, targets, key)`` returns per batch (detached outputs; e.g. correct
-        predictions), all summed over the ranks in the one all-reduce.
+        predictions), all summed over the ranks in the one all-reduce. ``extra_shapes``: the shapes
+        of what ``extra`` returns, if known (see :meth:`accumulate`'s ``shapes``).
 
         Cost: one forward and one backward pass over the data.
         """
@@ -364,7 +372,9 @@ class Risk:
             more = [] if extra is None else extra(out.detach() if isinstance(out, Tensor) else out, y, key)
             return [flat * w, *more], value.detach(), w
 
-        return self.accumulate(batch, what="gradient")
+        known = extra is None or extra_shapes is not None
+        shapes = [(self.space.dim,), *(extra_shapes or [])] if known else None
+        return self.accumulate(batch, what="gradient", shapes=shapes)
 
     # checks -----------------------------------------------------------------------------
     def _validate(self) -> tuple[Any, Tensor, Tensor]:

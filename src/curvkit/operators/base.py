@@ -180,7 +180,7 @@ class CurvatureOperator(LinearOperator):
                 prods, loss, w = self._weighted(x, y, probes, i)
             return [torch.cat([t.reshape(k, -1) for t in prods], dim=1)], loss, w
 
-        totals = self.risk.accumulate(batch, check=check)
+        totals = self.risk.accumulate(batch, check=check, shapes=[(k, self.space.dim)])
         return totals.mean(totals.sums[0]).T  # float32 for a bf16/fp16 model: summed in float32
 
     def _weighted(self, x: Any, y: Tensor, V: list[Tensor], index: int) -> tuple[list[Tensor], Tensor, Any]:
