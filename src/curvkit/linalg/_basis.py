@@ -64,16 +64,16 @@ class Basis:
         """``W -= V (V^T W)`` in place, ``passes`` times (block modified Gram-Schmidt; "twice is
         enough"), returning the summed coefficients ``V^T W`` (cols, b) in float64 on the CPU.
         Cost: ``passes`` reads of the basis (one host-to-device copy per host block per pass)."""
-        C = torch.zeros(self.cols, W.shape[1], dtype=_F64)
+        total = None
         for _ in range(passes):
-            i = 0
+            cs = []
             for B in self.blocks:
                 Bd = self._here(B)
-                c = Bd.T @ W
-                W -= Bd @ c
-                C[i : i + B.shape[1]] += c.to(device="cpu", dtype=_F64)
-                i += B.shape[1]
-        return C
+                cs.append(Bd.T @ W)
+                W -= Bd @ cs[-1]
+            C = torch.cat(cs).to(_F64)
+            total = C if total is None else total + C
+        return total.to("cpu")  # one host copy per call
 
     def combine(self, S: Tensor) -> Tensor:
         """``V @ S`` on the device (``S`` (cols, s), any device/dtype). Memory: the (n, s) result."""
