@@ -291,3 +291,16 @@ def test_bad_input():
     assert "Conv1d" in str(e.value) and "conv2d" in str(e.value)
     with pytest.raises(ArgumentError, match="k must be"):
         inf.top((x[:1], y[:1]), k=0)
+
+
+def test_readme_section_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## Influence functions") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["S"].shape == (10, 500) and scope["best"].helpful.shape == (10, 3)
+    assert len(scope["suspects"]) == 25
