@@ -140,15 +140,15 @@ def test_ekfac_differs_from_exact_when_kfac_is_not():
     assert (ek - ex).abs().max() > 1e-3 * ex.abs().max()
 
 
-def _check_correction(model, lossf, data):
-    """EK-FAC's eigenvalues are the dense GGN's diagonal in the K-FAC eigenbasis (identity basis
-    for the diagonal parameters), whatever the model."""
-    ek = influence.EKFAC(model, lossf, data, damping=1e-3).fit()
-    Gd = ck.ggn(model, lossf, data).dense()
+def _check_correction(model, lossf, data, kind="type-2"):
+    """EK-FAC's eigenvalues are the dense GGN's (empirical Fisher's) diagonal in the K-FAC
+    eigenbasis (identity basis for the diagonal parameters), whatever the model."""
+    ek = influence.EKFAC(model, lossf, data, damping=1e-3, kind=kind).fit()
+    Gd = (ck.ggn(model, lossf, data) if kind == "type-2" else ck.fisher(model, lossf, data, kind=kind)).dense()
     names = [n for n, _ in model.named_parameters()]
     sizes = [p.numel() for p in model.parameters()]
     offs = dict(zip(names, np.cumsum([0] + sizes[:-1]).tolist()))
-    eig = ck.kfac(model, lossf, data, [n for l in layers(model) if l.is_matrix for n in l.param_names]).eigen() \
+    eig = ck.kfac(model, lossf, data, [n for l in layers(model) if l.is_matrix for n in l.param_names], kind=kind).eigen() \
         if any(l.is_matrix for l in layers(model)) else {}
     checked = 0
     for layer in layers(model):
@@ -171,9 +171,28 @@ def _check_correction(model, lossf, data):
     assert checked == len(layers(model))
 
 
-def test_ekfac_correction_is_ggn_diagonal_in_the_eigenbasis_mlp_layernorm():
+@pytest.mark.parametrize("kind", ["type-2", "empirical"])
+def test_ekfac_correction_is_ggn_diagonal_in_the_eigenbasis_mlp_layernorm(kind):
     model, (x, y) = _mlp(norm=True), _data()
-    _check_correction(model, nn.CrossEntropyLoss(), [(x[:5], y[:5]), (x[5:], y[5:])])
+    _check_correction(model, nn.CrossEntropyLoss(), [(x[:5], y[:5]), (x[5:], y[5:])], kind=kind)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(7, 3), nn.Linear(3, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, t):
+        return self.head(torch.tanh(self.emb(t)))
+
+
+def test_ekfac_tied_embedding_is_diagonal_and_exact_on_it():
+    torch.manual_seed(0)
+    model = _Tied().to(D)
+    g = torch.Generator().manual_seed(4)
+    tok, y = torch.randint(0, 7, (6,), generator=g), torch.randint(0, 7, (6,), generator=g)
+    _check_correction(model, nn.CrossEntropyLoss(), (tok, y))
 
 
 def test_ekfac_correction_conv2d_and_embedding():
