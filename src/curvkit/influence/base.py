@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from ..errors import ArgumentError, DataError, ModelError, ShapeError, TooLargeError
-from ..model.data import Batches, is_batch, split_batch, tensors_of
+from ..model.data import Batches, split_batch, tensors_of
 from ..model.params import ParamSpec
 from ..model.per_example import per_example_gradients
 from ..model.risk import Mode, Risk
@@ -308,11 +308,6 @@ class Influence:
             for lst, t in zip(parts, (hi, hv, bi, -bv)):
                 lst.append(t)
         return TopResult(*(torch.cat(p) for p in parts))
-
-
-def as_batches(data: Any) -> list[tuple[Any, Tensor]]:
-    """A list of ``(inputs, targets)`` batches."""
-    return [tuple(data)] if is_batch(data) else list(data)
 
 
 __all__ = ["Influence", "TopResult", "Measurement", "check_damping"]

@@ -37,6 +37,7 @@ from ..model.hooks import LayerHooks
 from ..model.layers import layers as find_layers
 from ..model.params import ParamSpec
 from ..model.risk import Mode
+from ..seeding import seed_int
 from .base import Influence, Measurement, _unsqueeze
 
 COVERED = ("linear (nn.Linear and modules computing x W^T + b or x W + b)", "conv2d (groups=1)",
@@ -106,7 +107,7 @@ class EKFAC(Influence):
             self._eig = {name: (QA, QG) for name, (_, QA, _, QG) in K.eigen().items()}
             self._seed = K.seed
         else:
-            self._seed = 0
+            self._seed = seed_int(self.seed)
         dt = self._work_dtype()
         zeros = [torch.zeros(layer.shape[0], self._eig[layer.name][0].shape[0], dtype=dt, device=r.space.device)
                  for layer in self._kron]

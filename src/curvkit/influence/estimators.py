@@ -12,7 +12,7 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import ArgumentError, ConvergenceWarning, ModelError, NonFiniteError
+from ..errors import ArgumentError, ConvergenceWarning, NonFiniteError
 from ..linalg import eigenvalues, solve
 from ..linalg.results import SolveResult
 from ..model.params import ParamSpec
