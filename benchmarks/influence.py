@@ -1,0 +1,187 @@
+"""Influence functions: mislabel detection on digits (and MNIST-5k) by self-influence, and
+kronfluence's EK-FAC side by side (unmodified, from its wheel, where it imports).
+
+    PYTHONPATH=$PWD/src:$PWD python benchmarks/influence.py            # digits + MNIST-5k, 3 seeds
+    PYTHONPATH=$PWD/src:$PWD python benchmarks/influence.py --quick    # digits only, 1 seed (CPU smoke test)
+
+Mislabels: flip 10% of the training labels to another class, train the MLP (Adam, checkpoints every
+epoch for TracIn), rank the training set by self-influence (EK-FAC, Identity, TracIn) and by the
+loss; report the fraction of flipped examples among the top 10% and 20%. kronfluence: EK-FAC with
+the empirical Fisher on both sides (deterministic), the same model, data and damping; Spearman
+correlation of the (query x train) scores and of self-influence, fit and score time. Prints
+tables; writes raw JSON under ``$OUT`` if set, else ``benchmarks/results/influence/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from curvkit import datasets, influence
+
+DAMPING = 1e-3
+
+
+def spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+    return float(spearmanr(np.asarray(a).ravel(), np.asarray(b).ravel()).statistic)
+
+
+def make_task(name: str, seed: int, device):
+    x, y = datasets.digits() if name == "digits" else datasets.mnist5k()
+    (xtr, ytr), (xte, yte) = datasets.split(x, y, test_fraction=0.2, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    n = len(ytr)
+    flip = torch.randperm(n, generator=g)[: n // 10]
+    noisy = ytr.clone()
+    noisy[flip] = (ytr[flip] + torch.randint(1, 10, (len(flip),), generator=g)) % 10
+    is_flipped = torch.zeros(n, dtype=torch.bool)
+    is_flipped[flip] = True
+    return xtr.to(device), noisy.to(device), xte.to(device), yte.to(device), is_flipped
+
+
+def mlp(d_in: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d_in, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def train(model, x, y, epochs: int, seed: int, lr: float = 3e-3, bs: int = 64):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    ckpts = []
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(bs):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        ckpts.append({k: v.clone() for k, v in model.state_dict().items()})
+    return ckpts[:: max(1, len(ckpts) // 5)], lr
+
+
+def found(scores: torch.Tensor, flipped: torch.Tensor, frac: float) -> float:
+    k = int(round(frac * len(scores)))
+    top = scores.argsort(descending=True)[:k]
+    return float(flipped[top.cpu()].sum() / flipped.sum())
+
+
+def mislabel(name: str, seed: int, device, epochs: int) -> dict:
+    x, y, xte, yte, flipped = make_task(name, seed, device)
+    model = mlp(x[0].numel(), seed).to(device)
+    ckpts, lr = train(model, x, y, epochs, seed)
+    model.eval()
+    data = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(y), 256)]
+    lossf = nn.CrossEntropyLoss()
+    out, rank = {}, {}
+    t = time.perf_counter()
+    rank["ekfac"] = influence.EKFAC(model, lossf, data, damping=DAMPING).fit().self_influence()
+    out["ekfac_s"] = time.perf_counter() - t
+    rank["identity"] = influence.Identity(model, lossf, data).fit().self_influence()
+    rank["tracin"] = influence.TracIn(model, lossf, data, ckpts, lr=lr).fit().self_influence()
+    with torch.no_grad():
+        rank["loss"] = nn.functional.cross_entropy(model(x), y, reduction="none")
+        out["test_acc"] = float((model(xte).argmax(1) == yte).float().mean())
+    for m, s in rank.items():
+        out[m] = {"at10": found(s, flipped, 0.1), "at20": found(s, flipped, 0.2)}
+    return out
+
+
+def vs_kronfluence(device, quick: bool) -> dict | None:
+    try:
+        from kronfluence.analyzer import Analyzer, prepare_model
+        from kronfluence.arguments import FactorArguments, ScoreArguments
+        from kronfluence.task import Task
+    except ImportError as e:
+        print(f"kronfluence not importable ({e}); skipped")
+        return None
+    import logging
+    logging.disable(logging.WARNING)
+    x, y, xte, yte, _ = make_task("digits", 0, device)
+    model = mlp(64, 0).to(device)
+    train(model, x, y, 10 if quick else 30, 0)
+    model.eval()
+    nq = 50
+    xq, yq = xte[:nq], yte[:nq]
+
+    class CE(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            xb, yb = batch
+            return nn.functional.cross_entropy(model(xb), yb, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            xb, yb = batch
+            return nn.functional.cross_entropy(model(xb), yb, reduction="sum")
+
+    res = {}
+    data = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(y), 256)]
+    t = time.perf_counter()
+    ours = influence.EKFAC(model, nn.CrossEntropyLoss(), data, damping=DAMPING, kind="empirical").fit()
+    res["curvkit_fit_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    S_ours = ours.scores((xq, yq))
+    res["curvkit_score_s"] = time.perf_counter() - t
+    self_ours = ours.self_influence()
+
+    kmodel = prepare_model(model, CE())
+    with tempfile.TemporaryDirectory() as tmp:
+        an = Analyzer("digits", kmodel, CE(), cpu=device.type == "cpu", disable_tqdm=True, output_dir=tmp)
+        ds = torch.utils.data.TensorDataset(x, y)
+        fa = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
+        t = time.perf_counter()
+        an.fit_all_factors("f", ds, per_device_batch_size=256, factor_args=fa)
+        res["kronfluence_fit_s"] = time.perf_counter() - t
+        sa = ScoreArguments(damping_factor=DAMPING)
+        t = time.perf_counter()
+        an.compute_pairwise_scores("s", "f", torch.utils.data.TensorDataset(xq, yq), ds,
+                                   per_device_query_batch_size=nq, per_device_train_batch_size=256, score_args=sa)
+        res["kronfluence_score_s"] = time.perf_counter() - t
+        S_kf = an.load_pairwise_scores("s")["all_modules"]
+        an.compute_self_scores("ss", "f", ds, per_device_train_batch_size=256, score_args=sa)
+        self_kf = an.load_self_scores("ss")["all_modules"]
+    res["spearman_pairwise"] = spearman(S_ours.cpu(), S_kf.cpu())
+    res["spearman_self"] = spearman(self_ours.cpu(), self_kf.cpu())
+    res["pearson_pairwise"] = float(np.corrcoef(S_ours.cpu().numpy().ravel(), S_kf.cpu().numpy().ravel())[0, 1])
+    res["queries"], res["train"] = nq, len(y)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seeds = [0] if args.quick else [0, 1, 2]
+    tasks = ["digits"] if args.quick else ["digits", "mnist5k"]
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "date": time.strftime("%Y-%m-%d"), "damping": DAMPING, "mislabel": {}}
+    for task in tasks:
+        runs = [mislabel(task, s, device, 30 if task == "digits" else 15) for s in seeds]
+        results["mislabel"][task] = runs
+        print(f"\n{task}: fraction of flipped labels found (10% flipped; {len(seeds)} seed(s), mean +- sd)")
+        print(f"{'ranking':10s} {'@10%':>14s} {'@20%':>14s}")
+        for m in ("ekfac", "tracin", "identity", "loss"):
+            a = np.array([[r[m]["at10"], r[m]["at20"]] for r in runs])
+            print(f"{m:10s} {a[:, 0].mean():8.3f}+-{a[:, 0].std():.3f} {a[:, 1].mean():8.3f}+-{a[:, 1].std():.3f}")
+        print("test accuracy:", [round(r["test_acc"], 3) for r in runs], " EK-FAC fit+self s:",
+              [round(r["ekfac_s"], 2) for r in runs])
+    kf = vs_kronfluence(device, args.quick)
+    if kf is not None:
+        results["kronfluence"] = kf
+        print("\nvs kronfluence (EK-FAC, empirical Fisher, damping %g, %d queries x %d train)" % (DAMPING, kf["queries"], kf["train"]))
+        for k, v in kf.items():
+            print(f"  {k:22s} {v:.4f}" if isinstance(v, float) else f"  {k:22s} {v}")
+    dest = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results" / "influence"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / ("influence_quick.json" if args.quick else "influence.json")).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
