@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from ..errors import ArgumentError, DataError, ModelError, ShapeError, TooLargeError
-from ..model.data import Batches, split_batch, tensors_of
+from ..model.data import Batches, map_tensors, split_batch, tensors_of
 from ..model.params import ParamSpec
 from ..model.per_example import per_example_gradients
 from ..model.risk import Mode, Risk
@@ -57,13 +57,8 @@ class TopResult:
 
 
 def _unsqueeze(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return x[None]
-    if isinstance(x, dict):
-        return type(x)((k, _unsqueeze(v)) for k, v in x.items())
-    if isinstance(x, (tuple, list)):
-        return type(x)(_unsqueeze(v) for v in x)
-    return x
+    """One example of a nest of tensors, given its batch dimension back."""
+    return map_tensors(lambda t: t[None], x)
 
 
 def _shapes(x: Any) -> list[tuple[tuple[int, ...], torch.dtype]]:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from ..errors import ModelError
-from .data import split_batch
+from .data import map_tensors, split_batch
 from .params import ParamSpec
 from .risk import Mode, Risk
 
@@ -75,13 +75,7 @@ def per_example_gradients(model: nn.Module, loss_fn: Any, batch: Any, params: Pa
 
 def _unsqueeze(x: Any) -> Any:
     """One example of a nest of tensors, given its batch dimension back."""
-    if isinstance(x, Tensor):
-        return x[None]
-    if isinstance(x, dict):
-        return type(x)((k, _unsqueeze(v)) for k, v in x.items())
-    if isinstance(x, (tuple, list)):
-        return type(x)(_unsqueeze(v) for v in x)
-    return x
+    return map_tensors(lambda t: t[None], x)
 
 
 __all__ = ["per_example_gradients"]
