@@ -246,7 +246,7 @@ class Risk:
                 sums = [torch.zeros(sh, dtype=_acc(self.space.dtype), device=self.space.device) for sh in shapes]
             failed = e
         assert sums is not None  # Batches guarantees a batch
-        dev = sums[0].device
+        dev = sums[0].device if sums else self.space.device  # a pass may sum nothing but its loss
         loss_t = torch.stack(losses) if losses else torch.zeros(0, dtype=torch.float64, device=dev)
         bad_local = ~torch.isfinite(loss_t)
         wsum = torch.stack(weighted).nansum() if weighted else torch.zeros((), dtype=torch.float64, device=dev)
@@ -481,8 +481,8 @@ class Risk:
         ArgumentError on every rank if ``check`` differs. Returns the sums, the stats and the
         failure codes (one per rank) for the caller to raise on."""
         dev = self._comm_device()
-        acc = sums[0].dtype
-        flat = torch.cat([s.reshape(-1).to(acc) for s in sums])
+        acc = sums[0].dtype if sums else torch.float64
+        flat = torch.cat([s.reshape(-1).to(acc) for s in sums]) if sums else torch.zeros(0, dtype=acc)
         codes = self._failure_codes(failed).to(nonfinite.device)
         if failed is None:  # no host sync: the code is set on the device
             codes[dist.get_rank(self.group)] = nonfinite.to(torch.float64) * _error_code(NonFiniteError(""))
@@ -495,7 +495,7 @@ class Risk:
         if failed is not None:
             raise failed
         head = len(stats) + self.world
-        flat, extra = buf[: flat.numel()].to(sums[0].device), buf[flat.numel():].to(device="cpu", dtype=torch.float64)
+        flat, extra = buf[: flat.numel()].to(sums[0].device if sums else dev), buf[flat.numel():].to(device="cpu", dtype=torch.float64)
         codes = extra[len(stats):head]
         if check is not None and not codes.any():
             c, W = extra[head:-1].reshape(-1, 2), extra[-1]
