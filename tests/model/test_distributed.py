@@ -199,6 +199,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         H = ck.hessian(make_model(), loss_fn(), data)
         run("all_reduces", lambda: {"product": _count_all_reduces(lambda: H @ probes(H.shape[0])),
                                     "gradient": _count_all_reduces(H.loss_and_gradient)})
+        run("loss_only", lambda: _loss_only(H))
         run("refusals", lambda: refusals(rank, world))
         run("after", lambda: H @ probes(H.shape[0]))  # the group is still in step after every refusal
         if rank:
@@ -235,6 +236,23 @@ def group(request, tmp_path_factory):
     mp.start_processes(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True,
                        start_method="spawn")
     return world, [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+def _loss_only(H) -> float:
+    """A pass that sums nothing but its loss (what the monitor's probe loss does)."""
+    risk = H.risk
+
+    def batch(x, y, key):
+        out = risk.function()(risk.space.detached(), x)
+        return [], risk.loss(out, y).detach(), risk.weight(out, y)
+
+    return float(risk.accumulate(batch, what="loss").loss)
+
+
+def test_a_pass_of_the_loss_alone_is_the_loss_over_all_ranks(group):
+    want = float(ck.hessian(make_model(), loss_fn(), all_batches()).risk.loss_and_gradient()[0])
+    for rank, got in enumerate(_results(group, "loss_only")):
+        assert abs(got - want) <= 1e-12 * abs(want), (rank, got, want)
 
 
 def _results(group, key) -> list:
