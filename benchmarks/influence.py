@@ -54,6 +54,14 @@ def mlp(d_in: int, seed: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(d_in, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
+def cnn(side: int, seed: int) -> nn.Module:
+    """Two 3x3 convolutions (8 and 16 channels, the second strided) and a linear head."""
+    torch.manual_seed(seed)
+    s = (side - 2 - 3) // 2 + 1
+    return nn.Sequential(nn.Unflatten(1, (1, side, side)), nn.Conv2d(1, 8, 3), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(16 * s * s, 10))
+
+
 def train(model, x, y, epochs: int, seed: int, lr: float = 3e-3, bs: int = 64):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -73,9 +81,11 @@ def found(scores: torch.Tensor, flipped: torch.Tensor, frac: float) -> float:
     return float(flipped[top.cpu()].sum() / flipped.sum())
 
 
-def mislabel(name: str, seed: int, device, epochs: int) -> dict:
+def mislabel(name: str, seed: int, device, epochs: int, arch: str = "mlp") -> dict:
     x, y, xte, yte, flipped = make_task(name, seed, device)
-    model = mlp(x[0].numel(), seed).to(device)
+    x, xte = x.reshape(len(y), -1), xte.reshape(len(yte), -1)
+    d = x[0].numel()
+    model = (mlp(d, seed) if arch == "mlp" else cnn(int(round(d ** 0.5)), seed)).to(device)
     ckpts, lr = train(model, x, y, epochs, seed)
     model.eval()
     data = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(y), 256)]
@@ -156,6 +166,8 @@ def vs_kronfluence(device, quick: bool) -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    ap.add_argument("--no-kronfluence", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seeds = [0] if args.quick else [0, 1, 2]
@@ -163,7 +175,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "date": time.strftime("%Y-%m-%d"), "damping": DAMPING, "mislabel": {}}
     for task in tasks:
-        runs = [mislabel(task, s, device, 30 if task == "digits" else 15) for s in seeds]
+        runs = [mislabel(task, s, device, 30 if task == "digits" else 15, args.model) for s in seeds]
         results["mislabel"][task] = runs
         print(f"\n{task}: fraction of flipped labels found (10% flipped; {len(seeds)} seed(s), mean +- sd)")
         print(f"{'ranking':10s} {'@10%':>14s} {'@20%':>14s}")
@@ -172,7 +184,8 @@ def main() -> None:
             print(f"{m:10s} {a[:, 0].mean():8.3f}+-{a[:, 0].std():.3f} {a[:, 1].mean():8.3f}+-{a[:, 1].std():.3f}")
         print("test accuracy:", [round(r["test_acc"], 3) for r in runs], " EK-FAC fit+self s:",
               [round(r["ekfac_s"], 2) for r in runs])
-    kf = vs_kronfluence(device, args.quick)
+    results["model"] = args.model
+    kf = None if args.no_kronfluence else vs_kronfluence(device, args.quick)
     if kf is not None:
         results["kronfluence"] = kf
         print("\nvs kronfluence (EK-FAC, empirical Fisher, damping %g, %d queries x %d train)" % (DAMPING, kf["queries"], kf["train"]))
@@ -180,7 +193,8 @@ def main() -> None:
             print(f"  {k:22s} {v:.4f}" if isinstance(v, float) else f"  {k:22s} {v}")
     dest = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results" / "influence"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / ("influence_quick.json" if args.quick else "influence.json")).write_text(json.dumps(results, indent=1))
+    stem = "influence" + ("_cnn" if args.model == "cnn" else "") + ("_quick" if args.quick else "")
+    (dest / f"{stem}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
