@@ -90,12 +90,63 @@ def analyze(
 ) -> None:
     """A curvature report of a model on its data: top eigenvalues of the Hessian and the GGN,
     trace, spectral density, per-layer sensitivities, gradient/top-subspace overlap; with plots."""
-    try:
+    with _one_line_errors(debug):
         _analyze(model, data, loss, checkpoint, unsafe_pickle, params, k, probes, batches, device, dtype,
                  seed, out, threads, quiet, fast, debug, condition)
-    except CurvkitError as e:
-        if debug:
-            raise
+
+
+INFLUENCE_EXAMPLES = """\b
+Examples:
+  curvkit influence                                 # the default: digits CNN, 10% of its labels flipped
+  curvkit influence --fast --method identity --out /tmp/inf
+  curvkit influence --model mypkg.models:build --data mypkg.data:train_batches \\
+                    --query mypkg.data:test_batch --checkpoint model.pt --damping 1e-3 --k 10
+\b
+--model, --data, --query, --loss and --checkpoint as for `curvkit analyze`; --data is the training
+set (iterated in order: its positions are the training indices), --query the examples to explain
+(default: the first 8 examples of --data). Writes influence.json, influence.md, self_influence.png
+and, for image inputs, top_examples.png to --out. Bad input exits with code 2 and one line on stderr.
+"""
+
+
+@app.command(epilog=INFLUENCE_EXAMPLES)
+def influence(
+    model: Optional[str] = typer.Option(None, help="module:function returning an nn.Module (default: the embedded CNN on digits with 10% of its labels flipped)."),
+    data: Optional[str] = typer.Option(None, help="module:function returning the training batches (a batch, a list of batches or a DataLoader, unshuffled)."),
+    query: Optional[str] = typer.Option(None, help="module:function returning the query batches (default: held-out digits for the default, else the first 8 examples of --data)."),
+    loss: str = typer.Option("cross_entropy", help="cross_entropy | mse | bce (with logits) | module:function."),
+    checkpoint: Optional[Path] = typer.Option(None, help="state_dict to load into the model (torch.load, weights_only=True)."),
+    unsafe_pickle: bool = typer.Option(False, "--unsafe-pickle", help="Allow a checkpoint that needs full unpickling (only for files you trust)."),
+    method: str = typer.Option("ekfac", help="ekfac (EK-FAC inverse GGN) | identity (plain gradient dot products)."),
+    damping: float = typer.Option(1e-3, help="Added to the curvature's diagonal (>= 0; ekfac only)."),
+    k: int = typer.Option(5, help="Helpful and harmful training examples listed per query."),
+    batches: Optional[int] = typer.Option(None, help="Use at most this many batches of --data."),
+    seed: int = typer.Option(0, help="Seed of the default's label flips, split and training."),
+    out: Path = typer.Option(Path("curvkit-influence"), help="Output folder."),
+    threads: int = typer.Option(0, help="CPU threads (0: torch's choice for --model; the embedded default uses 1)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary."),
+    fast: bool = typer.Option(False, "--fast", help="A smaller, quicker configuration of the default (for tests)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Which training examples made these predictions: per query the top-k helpful and harmful
+    training examples, and the self-influence ranking that finds mislabeled data; with plots."""
+    with _one_line_errors(debug):
+        _influence(model, data, query, loss, checkpoint, unsafe_pickle, method, damping, k, batches, seed, out,
+                   threads, quiet, fast, debug)
+
+
+class _one_line_errors:
+    """A CurvkitError becomes one line on stderr and exit code 2 (its traceback with ``--debug``)."""
+
+    def __init__(self, debug: bool):
+        self.debug = debug
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, e, tb) -> bool:
+        if e is None or self.debug or not isinstance(e, CurvkitError):
+            return False
         msg = " ".join(str(e).split())  # one line, whatever the message held
         typer.echo(f"curvkit: error: {msg}", err=True)
         raise typer.Exit(2) from None
@@ -117,15 +168,10 @@ def experiment(
 
     from .science import run
 
-    try:
+    with _one_line_errors(debug):
         if threads > 0:
             torch.set_num_threads(threads)
         results = run(name, out, quick=quick, seed=seed)
-    except CurvkitError as e:
-        if debug:
-            raise
-        typer.echo(f"curvkit: error: {' '.join(str(e).split())}", err=True)
-        raise typer.Exit(2) from None
     for r in results:
         typer.echo(f"{r['result']}  {r['experiment']:<24} {r['seconds']:>6.1f} s  {out / (r['experiment'] + '.json')}")
     if any(r["result"] != "PASS" for r in results):
@@ -155,12 +201,7 @@ def _analyze(model_spec, data_spec, loss_spec, checkpoint, unsafe_pickle, params
             f"--device {device}: CUDA is not available (torch {torch.__version__}"
             f"{' is a CPU-only build' if torch.version.cuda is None else ' sees no GPU'}); use --device cpu"
         )
-    if batches is not None and batches < 1:
-        raise ArgumentError(f"--batches must be >= 1, got {batches}")
-    if (data_spec or checkpoint) and not model_spec:
-        raise ArgumentError("--data and --checkpoint need --model (without them the embedded default is analysed)")
-    if model_spec and not data_spec:
-        raise ArgumentError("--model needs --data (a module:function returning the batches to analyse)")
+    _check_user_specs(model_spec, data_spec, checkpoint, batches, "analyse")
     loss_fn = _loss(loss_spec, debug)
     ranks = _Ranks.start(device)  # under torchrun: the process group, this rank and the world size
     try:
@@ -194,11 +235,7 @@ def _run(ranks, model_spec, data_spec, loss_fn, checkpoint, unsafe_pickle, param
     else:
         if threads:
             torch.set_num_threads(threads)
-        model = _model(model_spec, debug)
-        if checkpoint is not None:
-            _load_checkpoint(model, checkpoint, unsafe_pickle)
-        batch_list = _data(data_spec, batches, debug)
-        description = f"{type(model).__name__} from {model_spec}" + (f", checkpoint {checkpoint}" if checkpoint else "")
+        model, batch_list, description = _user_problem(model_spec, data_spec, checkpoint, unsafe_pickle, batches, debug)
     model = model.to(device=device, dtype=torch_dtype)
     batch_list = [_move(b, device, torch_dtype) for b in batch_list]
     heldout = _move(heldout, device, torch_dtype) if heldout is not None else None
@@ -232,6 +269,93 @@ def _run(ranks, model_spec, data_spec, loss_fn, checkpoint, unsafe_pickle, param
             f"{report.cost['total_products']} products, {time.perf_counter() - t0:.1f}s in all",
             f"report written to {out}/ (report.md, report.json, spectrum.png, layers.png)",
         ]
+        typer.echo("\n".join(lines))
+
+
+def _check_user_specs(model_spec, data_spec, checkpoint, batches, verb: str) -> None:
+    """The flags that go together: --data and --checkpoint with --model, --model with --data."""
+    if batches is not None and batches < 1:
+        raise ArgumentError(f"--batches must be >= 1, got {batches}")
+    if (data_spec or checkpoint) and not model_spec:
+        raise ArgumentError(f"--data and --checkpoint need --model (without them the embedded default is {verb}d)")
+    if model_spec and not data_spec:
+        raise ArgumentError(f"--model needs --data (a module:function returning the batches to {verb})")
+
+
+def _user_problem(model_spec, data_spec, checkpoint, unsafe_pickle, batches, debug):
+    """The user's model (its checkpoint loaded), their batches and a one-line description."""
+    model = _model(model_spec, debug)
+    if checkpoint is not None:
+        _load_checkpoint(model, checkpoint, unsafe_pickle)
+    batch_list = _data(data_spec, batches, debug)
+    description = f"{type(model).__name__} from {model_spec}" + (f", checkpoint {checkpoint}" if checkpoint else "")
+    return model, batch_list, description
+
+
+def _influence(model_spec, data_spec, query_spec, loss_spec, checkpoint, unsafe_pickle, method, damping, k,
+               batches, seed, out, threads, quiet, fast, debug) -> None:
+    import time
+
+    import torch
+
+    from .influence.base import check_damping
+    from .influence.report import METHODS, influence_report
+
+    t0 = time.perf_counter()
+    warnings.formatwarning = lambda m, c, *a, **kw: f"curvkit: warning: {' '.join(str(m).split())}\n"
+    if method not in METHODS:
+        raise ArgumentError(f"--method must be one of {' | '.join(METHODS)}, got {method!r}")
+    try:
+        check_damping(damping)
+    except ArgumentError as e:
+        raise ArgumentError(f"--damping: {e}") from None
+    if k < 1:
+        raise ArgumentError(f"--k must be >= 1, got {k}")
+    _check_user_specs(model_spec, data_spec, checkpoint, batches, "use")
+    if query_spec and not model_spec:
+        raise ArgumentError("--query needs --model and --data (the default brings its own held-out queries)")
+    loss_fn = _loss(loss_spec, debug)
+    problem = _writable_problem(out)
+    if problem:
+        raise ArgumentError(problem)
+    show = None if not quiet else False
+    flipped = None
+    if model_spec is None:
+        from .influence import default
+
+        torch.set_num_threads(threads or 1)
+        d = default.build(seed=seed, fast=fast, progress=show)
+        model, loss_fn, train, queries, flipped, description = d.model, d.loss_fn, d.data, [d.query], d.flipped, d.description
+    else:
+        if threads:
+            torch.set_num_threads(threads)
+        model, train, description = _user_problem(model_spec, data_spec, checkpoint, unsafe_pickle, batches, debug)
+        if query_spec:
+            queries = _data(query_spec, None, debug)
+        else:
+            x, y = train[0]
+            from .model.data import map_tensors
+
+            queries = [(map_tensors(lambda t: t[:8], x), y[:8])]
+            description += "; queries: the first 8 training examples"
+    report = influence_report(model, loss_fn, train, queries, method=method, damping=damping, k=k, flipped=flipped,
+                              description=description,
+                              settings={"command": "curvkit " + " ".join(sys.argv[1:]), "fast": fast, "seed": seed})
+    try:
+        paths = report.save(out)
+    except OSError as e:
+        raise ArgumentError(f"--out {out}: cannot write the report there ({e.strerror or e})") from e
+    if not quiet:
+        si = report.self_influence
+        lines = [description,
+                 f"{method}: {report.settings['n_query']} queries x {report.settings['n_train']} training examples; "
+                 f"self-influence median {si['median']:.3g}, max {si['max']:.3g} (training index {si['top'][0]['index']})"]
+        if report.mislabels is not None:
+            m = report.mislabels
+            lines.append(f"flipped labels found by inspecting the top 10% by self-influence: {m['found_top_10pct']:.0%}, "
+                         f"top 20%: {m['found_top_20pct']:.0%}")
+        lines.append(f"{time.perf_counter() - t0:.1f}s in all; report written to {out}/ "
+                     f"({', '.join(p.name for p in paths)})")
         typer.echo("\n".join(lines))
 
 
