@@ -27,6 +27,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+from benchmarks.influence import train as train_with_checkpoints
 from curvkit import datasets, influence
 
 
@@ -35,19 +36,11 @@ def mlp(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
 
 
-def train(x, y, seed: int, order_seed: int, epochs: int = 40, lr: float = 3e-3, bs: int = 64):
+def train(x, y, seed: int, order_seed: int, epochs: int = 40):
     """The same initialisation (``seed``) for every subset; ``order_seed`` draws the batch order."""
     model = mlp(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(order_seed)
-    ckpts = []
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=g).split(bs):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-        ckpts.append({k: v.clone() for k, v in model.state_dict().items()})
-    return model.eval(), ckpts[:: max(1, len(ckpts) // 5)], lr
+    ckpts, lr = train_with_checkpoints(model, x, y, epochs, order_seed)
+    return model.eval(), ckpts, lr
 
 
 def main() -> None:

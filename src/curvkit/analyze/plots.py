@@ -9,23 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def _plt():
-    try:
-        import matplotlib
-    except ImportError as e:  # pragma: no cover - depends on the install
-        from ..errors import CurvkitError
-
-        raise CurvkitError("plots need matplotlib: pip install 'curvkit[plot]'") from e
-    matplotlib.use("Agg", force=True)  # no display needed, and none is opened
-    import matplotlib.pyplot as plt
-
-    return plt
+from ..plotting import pyplot
 
 
 def plot_spectrum(r, path: Path) -> Path:
     """Write the spectral density figure to ``path``. Free (no products)."""
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
 
     d, h = r.density, r.hessian
@@ -64,7 +53,7 @@ def plot_spectrum(r, path: Path) -> Path:
 
 def plot_layers(r, path: Path) -> Path:
     """Write the per-layer sensitivity figure to ``path``. Free (no products)."""
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
 
     L = r.layers

@@ -10,23 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def _plt():
-    try:
-        import matplotlib
-    except ImportError as e:  # pragma: no cover - depends on the install
-        from ..errors import CurvkitError
-
-        raise CurvkitError("plots need matplotlib: pip install 'curvkit[plot]'") from e
-    matplotlib.use("Agg", force=True)  # no display needed, and none is opened
-    import matplotlib.pyplot as plt
-
-    return plt
+from ..plotting import pyplot
 
 
 def plot_self_influence(r, path: Path) -> Path:
     """Write the self-influence histogram to ``path``. Free."""
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
 
     v = np.asarray(r.self_influence_values, dtype=float)
@@ -81,7 +70,7 @@ def _show(ax, img, title: str, color: str) -> None:
 
 def plot_top_examples(r, path: Path, max_queries: int = 6, per_side: int = 4) -> Path:
     """Write the grid of queries and their top helpful / harmful training images to ``path``. Free."""
-    plt = _plt()
+    plt = pyplot()
 
     x_tr, x_q = r._images
     queries = r.queries[:max_queries]

@@ -37,15 +37,9 @@ def _series(history: list, name: str) -> tuple[list[int], list[float], list[floa
 
 def plot_history(history: list, path: str | Path) -> Path:
     """Draw the records of a :class:`~curvkit.monitor.CurvatureMonitor` to ``path`` (PNG, SVG...)."""
-    try:
-        import matplotlib
+    from ..plotting import pyplot
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # pragma: no cover
-        from ..errors import CurvkitError
-
-        raise CurvkitError("plots need matplotlib: pip install 'curvkit[plot]'") from e
+    plt = pyplot()
     names = ["loss"] + [n for n in LABELS if n != "loss" and any(n in r.values for r in history)]
     fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], names):

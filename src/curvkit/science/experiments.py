@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
+from ..plotting import pyplot
 
 F = nn.functional
 
@@ -42,15 +43,6 @@ def mlp(width: int = 64, depth: int = 2, seed: int = 0, din: int = 64, dout: int
         layers += [nn.Linear(d, width), act()]
         d = width
     return nn.Sequential(*layers, nn.Linear(d, dout))
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _finish(name: str, out: Path, setting: dict, measured: dict, criterion: str, passed: bool,
@@ -86,7 +78,7 @@ def edge_of_stability(out: Path, quick: bool = False, seed: int = 0) -> dict:
     x, y = digits_flat(1000)
     Y = F.one_hot(y, 10).float()
     lrs, steps, every = ((1.0,), 300, 25) if quick else ((0.5, 1.0, 2.0), 1500, 25)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     measured, ok = {}, True
     for lr in lrs:
@@ -136,7 +128,7 @@ def adam_edge_of_stability(out: Path, quick: bool = False, seed: int = 0) -> dic
     x, y = digits_flat(1000)
     Y = F.one_hot(y, 10).float()
     lrs, steps, every = ((3e-3,), 300, 25) if quick else ((1e-3, 3e-3), 1200, 25)
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     measured, ok = {}, True
     for lr in lrs:
@@ -189,7 +181,7 @@ def progressive_sharpening(out: Path, quick: bool = False, seed: int = 0) -> dic
     rho = _spearman(s, v)
     ratio = v[-1] / v[0]
     passed = ratio >= 1.5 and rho >= 0.8 and max(v) < 0.8 * 2 / lr
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.4))
     ax.plot(s, v, ".-")
     ax.set_xlabel("step (full-batch gradient descent, η = 0.1; 2/η = 20)")
@@ -240,7 +232,7 @@ def gradient_subspace(out: Path, quick: bool = False, seed: int = 0) -> dict:
     after = [val for st, val in zip(s, v) if st >= 0.2 * steps]
     median = sorted(after)[len(after) // 2]
     passed = median > 0.9
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.4))
     ax.plot(s, v, ".-")
     ax.axhline(0.9, ls="--", color="tab:red", lw=1)
@@ -275,7 +267,7 @@ def class_outliers(out: Path, quick: bool = False, seed: int = 0) -> dict:
     x, y = digits_flat(1000)
     seeds, steps = ((seed,), 150) if quick else ((seed, seed + 1, seed + 2), 400)
     counts, measured = [], {}
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for s in seeds:
         model = mlp(seed=s, act=nn.ReLU)
@@ -362,7 +354,7 @@ def mup_width(out: Path, quick: bool = False, seed: int = 0) -> dict:
     ratio = {p: measured[f"{p} width={widths[1]}"]["eta_lambda"] / measured[f"{p} width={widths[0]}"]["eta_lambda"]
              for p in ("SP", "muP")}
     passed = 0.5 <= ratio["muP"] <= 2.0 and ratio["SP"] >= 4.0
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for p in ("SP", "muP"):
         ax.plot(widths, [measured[f"{p} width={w}"]["eta_lambda"] for w in widths], "o-", label=p)
@@ -445,7 +437,7 @@ def batch_size_lr(out: Path, quick: bool = False, seed: int = 0) -> dict:
     within = all(0.5 <= f / p <= 2.0 for f, p in zip(found, predicted))
     monotone = all(b >= a for a, b in zip(predicted, predicted[1:])) and all(b >= a for a, b in zip(found, found[1:]))
     passed = within and monotone
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.loglog(sizes, predicted, "o-", label="2 / E[λ_max(H_B)] (batch sharpness)")
     ax.loglog(sizes, found, "s--", label="largest stable η (grid ×1.5)")
