@@ -78,8 +78,7 @@ def edge_of_stability(out: Path, quick: bool = False, seed: int = 0) -> dict:
     x, y = digits_flat(1000)
     Y = F.one_hot(y, 10).float()
     lrs, steps, every = ((1.0,), 300, 25) if quick else ((0.5, 1.0, 2.0), 1500, 25)
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    fig, axes = pyplot().subplots(2, 1, figsize=(7, 6), sharex=True)
     measured, ok = {}, True
     for lr in lrs:
         model = mlp(seed=seed)
@@ -108,9 +107,7 @@ def edge_of_stability(out: Path, quick: bool = False, seed: int = 0) -> dict:
     axes[1].set_xlabel("step (full-batch gradient descent)")
     axes[0].legend()
     axes[0].set_title("Edge of stability: the sharpness rises to 2/η and hovers there")
-    fig.tight_layout()
-    fig.savefig(out / "edge_of_stability.png", dpi=80)
-    plt.close(fig)
+    _save(fig, out / "edge_of_stability.png")
     crit = ("for every learning rate: over the last third of training the median of lambda_max * lr / 2 is in "
             "[0.8, 1.2] and at least 75% of the measurements are, and the loss at the end is below the loss at 2/3")
     return _finish("edge_of_stability", out, {"model": "MLP 64-64-64-10 tanh", "loss": "MSE on one-hot",
@@ -128,8 +125,7 @@ def adam_edge_of_stability(out: Path, quick: bool = False, seed: int = 0) -> dic
     x, y = digits_flat(1000)
     Y = F.one_hot(y, 10).float()
     lrs, steps, every = ((3e-3,), 300, 25) if quick else ((1e-3, 3e-3), 1200, 25)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = pyplot().subplots(figsize=(7, 3.6))
     measured, ok = {}, True
     for lr in lrs:
         model = mlp(seed=seed)
@@ -152,9 +148,7 @@ def adam_edge_of_stability(out: Path, quick: bool = False, seed: int = 0) -> dic
     ax.set_ylabel("λ_max(P⁻¹H) (dashed: 38/η)")
     ax.set_xlabel("step (full-batch Adam, β1 = 0.9)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "adam_edge_of_stability.png", dpi=80)
-    plt.close(fig)
+    _save(fig, out / "adam_edge_of_stability.png")
     crit = ("for every learning rate: over the last third the median of the preconditioned sharpness over "
             "2(1+b1)/((1-b1) lr) is in [0.8, 1.2] and at least 75% of the measurements are")
     return _finish("adam_edge_of_stability", out, {"model": "MLP 64-64-64-10 tanh", "loss": "MSE on one-hot",
@@ -181,15 +175,12 @@ def progressive_sharpening(out: Path, quick: bool = False, seed: int = 0) -> dic
     rho = _spearman(s, v)
     ratio = v[-1] / v[0]
     passed = ratio >= 1.5 and rho >= 0.8 and max(v) < 0.8 * 2 / lr
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = pyplot().subplots(figsize=(7, 3.4))
     ax.plot(s, v, ".-")
     ax.set_xlabel("step (full-batch gradient descent, η = 0.1; 2/η = 20)")
     ax.set_ylabel("sharpness λ_max")
     ax.set_title("Progressive sharpening")
-    fig.tight_layout()
-    fig.savefig(out / "progressive_sharpening.png", dpi=80)
-    plt.close(fig)
+    _save(fig, out / "progressive_sharpening.png")
     crit = ("final sharpness >= 1.5x the initial, Spearman correlation of sharpness with step >= 0.8, and the "
             "sharpness stays below 0.8 * 2/lr (no edge-of-stability regulation)")
     return _finish("progressive_sharpening", out, {"model": "MLP 64-64-64-10 tanh", "loss": "MSE", "lr": lr,
@@ -199,10 +190,16 @@ def progressive_sharpening(out: Path, quick: bool = False, seed: int = 0) -> dic
 
 
 def _spearman(a: list, b: list) -> float:
-    ra = torch.tensor(a, dtype=torch.float64).argsort().argsort().double()
-    rb = torch.tensor(b, dtype=torch.float64).argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra @ rb) / (ra.norm() * rb.norm()))
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def _save(fig, path: Path) -> None:
+    """Lay out, write (PNG, 80 dpi: small enough to commit) and close an experiment's figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    pyplot().close(fig)
 
 
 # ------------------------------------------------------------------------------ 4. gradient in the top subspace
@@ -232,8 +229,7 @@ def gradient_subspace(out: Path, quick: bool = False, seed: int = 0) -> dict:
     after = [val for st, val in zip(s, v) if st >= 0.2 * steps]
     median = sorted(after)[len(after) // 2]
     passed = median > 0.9
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = pyplot().subplots(figsize=(7, 3.4))
     ax.plot(s, v, ".-")
     ax.axhline(0.9, ls="--", color="tab:red", lw=1)
     ax.axvline(0.2 * steps, ls=":", color="0.5")
@@ -241,9 +237,7 @@ def gradient_subspace(out: Path, quick: bool = False, seed: int = 0) -> dict:
     ax.set_xlabel("step (SGD, batch 64, η = 0.5)")
     ax.set_ylabel("‖V₁₀ᵀg‖² / ‖g‖²")
     ax.set_title("The gradient in the top-10 Hessian eigenspace")
-    fig.tight_layout()
-    fig.savefig(out / "gradient_subspace.png", dpi=80)
-    plt.close(fig)
+    _save(fig, out / "gradient_subspace.png")
     crit = ("after the first 20% of training, the median fraction of the gradient (of the 1,000-example probe set) "
             "in the top-10 Hessian eigenspace is > 0.9")
     return _finish("gradient_subspace", out, {"model": "MLP 64-64-64-10 tanh", "loss": "cross-entropy",
@@ -267,8 +261,7 @@ def class_outliers(out: Path, quick: bool = False, seed: int = 0) -> dict:
     x, y = digits_flat(1000)
     seeds, steps = ((seed,), 150) if quick else ((seed, seed + 1, seed + 2), 400)
     counts, measured = [], {}
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = pyplot().subplots(figsize=(7, 3.6))
     for s in seeds:
         model = mlp(seed=s, act=nn.ReLU)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -293,9 +286,7 @@ def class_outliers(out: Path, quick: bool = False, seed: int = 0) -> dict:
     ax.set_xlabel("index i (dotted: ck.outliers threshold; dashed: k-1 = 9)")
     ax.set_ylabel("GGN eigenvalue λ_i")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "class_outliers.png", dpi=80)
-    plt.close(fig)
+    _save(fig, out / "class_outliers.png")
     passed = all(c == 9 for c in counts)
     crit = "ck.outliers counts exactly k-1 = 9 GGN outliers for every seed, after training"
     return _finish("class_outliers", out, {"model": "MLP 64-64-64-10 ReLU", "loss": "cross-entropy",
@@ -354,8 +345,7 @@ def mup_width(out: Path, quick: bool = False, seed: int = 0) -> dict:
     ratio = {p: measured[f"{p} width={widths[1]}"]["eta_lambda"] / measured[f"{p} width={widths[0]}"]["eta_lambda"]
              for p in ("SP", "muP")}
     passed = 0.5 <= ratio["muP"] <= 2.0 and ratio["SP"] >= 4.0
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = pyplot().subplots(figsize=(6, 3.4))
     for p in ("SP", "muP"):
         ax.plot(widths, [measured[f"{p} width={w}"]["eta_lambda"] for w in widths], "o-", label=p)
     ax.axhline(2, ls="--", color="tab:red", lw=1, label="2 (stability)")
@@ -364,9 +354,7 @@ def mup_width(out: Path, quick: bool = False, seed: int = 0) -> dict:
     ax.set_xlabel("width")
     ax.set_ylabel("η·λ_max (per-layer η)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "mup_width.png", dpi=80)
-    plt.close(fig)
+    _save(fig, out / "mup_width.png")
     crit = (f"eta*lambda at width {widths[1]} over width {widths[0]}: in [0.5, 2] under muP and >= 4 under SP")
     return _finish("mup_width", out, {"model": "MLP 64-w-w-10 tanh", "data": "digits[:500]", "base_lr": 0.05,
                                       "steps": steps, "widths": list(widths)},
@@ -437,17 +425,14 @@ def batch_size_lr(out: Path, quick: bool = False, seed: int = 0) -> dict:
     within = all(0.5 <= f / p <= 2.0 for f, p in zip(found, predicted))
     monotone = all(b >= a for a, b in zip(predicted, predicted[1:])) and all(b >= a for a, b in zip(found, found[1:]))
     passed = within and monotone
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = pyplot().subplots(figsize=(6, 3.4))
     ax.loglog(sizes, predicted, "o-", label="2 / E[λ_max(H_B)] (batch sharpness)")
     ax.loglog(sizes, found, "s--", label="largest stable η (grid ×1.5)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size B")
     ax.set_ylabel("learning rate")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "batch_size_lr.png", dpi=80)
-    plt.close(fig)
+    _save(fig, out / "batch_size_lr.png")
     crit = ("for every batch size the largest stable learning rate (loss lower after the trial run, grid x1.5) is "
             "within a factor 2 of 2 / mean batch sharpness, and both are nondecreasing in the batch size")
     return _finish("batch_size_lr", out, {"model": "MLP 64-64-64-10 tanh", "loss": "cross-entropy", "sizes": sizes,
