@@ -277,13 +277,16 @@ class Risk:
                             "nothing to take the curvature of")
         return Totals(sums, total_w, int(n), loss_sum / total_w if mean else loss_sum, self.reduction)
 
-    def _fit(self, fn: BatchFn, x: Any, y: Tensor, key: int, i: int) -> tuple[list[Tensor], Tensor, Any]:
+    def _fit(self, fn: BatchFn, x: Any, y: Tensor, key: int, i: int, halve: bool = True) -> tuple[list[Tensor], Tensor, Any]:
         """``fn`` on one batch; on a CUDA out-of-memory error, on halves of it until they fit
-        (then every later batch is cut to that size: ``max_batch``), with a warning."""
+        (then every later batch is cut to that size: ``max_batch``), with a warning, or the error
+        itself with ``halve=False`` (a trial that must not change the batch size). A fused kernel
+        without the derivatives curvature needs switches the model to differentiable kernels."""
         try:
             return fn(x, y, key)
         except OutOfMemory:
-            pass
+            if not halve:
+                raise
         except (RuntimeError, NotImplementedError) as e:
             op = fused_op(e)
             kind = None if op is None else ("rnn" if is_rnn_op(op) else "other")
@@ -297,7 +300,7 @@ class Risk:
                 f"this model runs on differentiable kernels ({what}): the same function, at that path's cost",
                 FallbackWarning, stacklevel=4,
             )
-            return self._fit(fn, x, y, key, i)
+            return self._fit(fn, x, y, key, i, halve)
         b = int(y.shape[0])
         if b == 1:
             raise TooLargeError(

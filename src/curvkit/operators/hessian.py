@@ -12,7 +12,7 @@ from torch.func import grad_and_value, jvp, vmap
 
 from ..errors import ArgumentError
 from ..model.data import split_batch
-from ..model.kernels import OutOfMemory, fused_op
+from ..model.kernels import OutOfMemory
 from ..model.params import ParamSpec
 from ..model.risk import Mode
 from ._graphs import GraphCache
@@ -102,17 +102,16 @@ class HessianOperator(CurvatureOperator):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
-            try:
-                fn(batch_x, batch_y, i)
-            except (RuntimeError, NotImplementedError) as e:
-                # a fused kernel: the data loop switches to differentiable ones and re-runs. Out of
-                # memory: double backward halves the batch as a pass would; forward-over-reverse loses
-                if (isinstance(e, OutOfMemory) and not halve) or (not isinstance(e, OutOfMemory) and fused_op(e) is None):
-                    raise
-                self.risk._fit(fn, batch_x, batch_y, i, i)
+            # fused kernels switch to differentiable ones; out of memory, double backward halves the
+            # batch as a pass would, while forward-over-reverse loses
+            self.risk._fit(fn, batch_x, batch_y, i, i, halve=halve)
             torch.cuda.synchronize()
             return {"seconds": time.perf_counter() - t0, "peak_bytes": torch.cuda.max_memory_allocated() - base,
                     "examples": int(batch_y.shape[0])}
+
+        def keep_double_backward(why: str | None = None, **measured) -> None:
+            self.strategy, self._graphs = "double-backward", None  # the other's graphs go with their memory
+            self.choice = {**measured, "chosen": "double-backward", **({"why": why} if why else {})}
 
         dbl_fn = lambda x_, y_, k_: self._double_backward(x_, y_, one)  # noqa: E731
         # forward-over-reverse as it will run: replayed from a CUDA graph (captured for the slice on
@@ -129,10 +128,8 @@ class HessianOperator(CurvatureOperator):
             dbl = measure(dbl_fn, xs, ys)
             dbl["seconds"] *= V.shape[1]
             if dbl["peak_bytes"] * size / dbl["examples"] > big:  # forward-over-reverse needs more still
-                self.strategy, self._graphs = "double-backward", None
-                self.choice = {"double-backward": dbl, "chosen": "double-backward",
-                               "why": f"double backward alone needs over {LARGE:.0%} of the device's memory"}
-                return
+                return keep_double_backward(f"double backward alone needs over {LARGE:.0%} of the device's memory",
+                                            **{"double-backward": dbl})
             try:
                 first = measure(fwd_fn, *((xs, ys) if graphs is not None else (xw, yw)), halve=False)
                 fwd = measure(fwd_fn, xs, ys, halve=False) if self.strategy != "double-backward" else None
@@ -141,22 +138,18 @@ class HessianOperator(CurvatureOperator):
             except OutOfMemory:
                 del graphs
                 torch.cuda.empty_cache()
-                self.strategy, self._graphs = "double-backward", None
-                self.choice = {"double-backward": dbl, "chosen": "double-backward",
-                               "why": "forward-over-reverse ran out of memory on a slice of the first batch"}
-                return
+                return keep_double_backward("forward-over-reverse ran out of memory on a slice of the first batch",
+                                            **{"double-backward": dbl})
             del graphs
             gc.collect()  # the slice graph's pool is freed only with its last reference (cycles included)
         if self.strategy == "double-backward":  # the transform could not run this model: nothing to choose
-            self._graphs = None
-            self.choice = {"chosen": "double-backward", "why": "forward-over-reverse cannot run this model"}
-            return
+            return keep_double_backward("forward-over-reverse cannot run this model")
         t_f, t_d = fwd["seconds"], dbl["seconds"]
+        measured = {"forward-over-reverse": fwd, "double-backward": dbl}
         if (t_d < 0.9 * t_f or (t_d <= 1.1 * t_f and dbl["peak_bytes"] < fwd["peak_bytes"])
                 or fwd["peak_bytes"] * size / fwd["examples"] > big):
-            self.strategy, self._graphs = "double-backward", None
-        self.choice = {"forward-over-reverse": fwd, "double-backward": dbl,
-                       "chosen": "double-backward" if self.strategy == "double-backward" else "forward-over-reverse"}
+            return keep_double_backward(**measured)
+        self.choice = {**measured, "chosen": "forward-over-reverse"}
 
     def _batch_matmat(self, x: Any, y: Tensor, V: list[Tensor], index: int) -> tuple[list[Tensor], Tensor, Any]:
         names, k, risk = self.param_names, V[0].shape[0], self.risk
