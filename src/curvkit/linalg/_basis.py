@@ -77,7 +77,7 @@ class Basis:
 
     def combine(self, S: Tensor) -> Tensor:
         """``V @ S`` on the device (``S`` (cols, s), any device/dtype). Memory: the (n, s) result."""
-        return _combine(self.blocks, S, self.n, self.dtype, self.device)
+        return self._combine(self.blocks, S)
 
     def restart(self, S: Tensor, chunk: int) -> None:
         """Replace the basis by ``V @ S`` (a thick restart), built ``chunk`` columns at a time. The
@@ -85,15 +85,13 @@ class Basis:
         device share)."""
         old, self.blocks, self.on_device = self.blocks, [], 0
         for j in range(0, S.shape[1], chunk):
-            self.append(_combine(old, S[:, j : j + chunk], self.n, self.dtype, self.device))
+            self.append(self._combine(old, S[:, j : j + chunk]))
 
-
-def _combine(blocks: list[Tensor], S: Tensor, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    out = torch.zeros(n, S.shape[1], dtype=dtype, device=device)
-    i = 0
-    for B in blocks:
-        w = B.shape[1]
-        Bd = B if B.device == device else B.to(device, non_blocking=True)
-        out += Bd @ S[i : i + w].to(device=device, dtype=dtype)
-        i += w
-    return out
+    def _combine(self, blocks: list[Tensor], S: Tensor) -> Tensor:
+        out = torch.zeros(self.n, S.shape[1], dtype=self.dtype, device=self.device)
+        i = 0
+        for B in blocks:
+            w = B.shape[1]
+            out += self._here(B) @ S[i : i + w].to(device=self.device, dtype=self.dtype)
+            i += w
+        return out
