@@ -130,14 +130,8 @@ class KFACOperator(CurvatureOperator):
     def _columns(self, out: Tensor, y: Tensor, index: int) -> Tensor:
         """``m`` columns ``u_j`` of the batch loss's output space (``sum_j u_j u_j^T`` is the
         output-space curvature, factor ``c`` included); their backward gives ``g_j``."""
-        spec = self.loss
-        if self.kind == "type-2":
-            return spec.sqrt(out, y)
-        gen = None if self.kind == "empirical" else self.risk.batch_generator(self.seed, index, out.device)
-        R = spec.residual_draws(out, y, self.kind, gen, self.mc_samples)
-        R = R / math.sqrt(R.shape[0])  # the m draws' outer products averaged
-        c = torch.as_tensor(spec.factor(out, y), dtype=out.dtype, device=out.device)
-        return R * c.sqrt()
+        gen = None if self.kind != "mc" else self.risk.batch_generator(self.seed, index, out.device)
+        return self.loss.output_columns(out, y, self.kind, gen, self.mc_samples)
 
     def _batch_factors(self, x: Any, y: Tensor, index: int) -> tuple[list[Tensor], Tensor, Any]:
         params = {n: p.requires_grad_(True) for n, p in self.space.detached().items()}

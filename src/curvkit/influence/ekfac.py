@@ -132,13 +132,8 @@ class EKFAC(Influence):
     def _columns(self, out: Tensor, y: Tensor, index: int) -> Tensor:
         """Output-space columns ``(m, *out.shape)`` whose outer products sum to the batch's
         output curvature (the factor ``c`` included), as ``ck.kfac`` uses them."""
-        spec, r = self.risk.spec, self.risk
-        if self.kind == "type-2":
-            return spec.sqrt(out, y)
-        gen = None if self.kind == "empirical" else r.batch_generator(self._seed, index, out.device)
-        R = spec.residual_draws(out, y, self.kind, gen, self.mc_samples) / math.sqrt(self.mc_samples if self.kind == "mc" else 1)
-        c = torch.as_tensor(spec.factor(out, y), dtype=out.dtype, device=out.device)
-        return R * c.sqrt()
+        gen = None if self.kind != "mc" else self.risk.batch_generator(self._seed, index, out.device)
+        return self.risk.spec.output_columns(out, y, self.kind, gen, self.mc_samples)
 
     def _batch_correction(self, x: Any, y: Tensor, index: int) -> tuple[list[Tensor], Tensor, Any]:
         r, dt = self.risk, self._work_dtype()

@@ -27,6 +27,7 @@ curvature, its terms the examples unless declared (``FunctionLoss(fn, terms=...)
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -140,6 +141,20 @@ class LossSpec:
         if kind == "empirical":
             return self.residuals(out, y)[None]
         return torch.stack([self.sampled_residuals(out, y, gen) for _ in range(samples)])
+
+    def output_columns(self, out: Tensor, y: Tensor, kind: str, gen: torch.Generator | None = None,
+                       samples: int = 1) -> Tensor:
+        """``m`` columns ``u_j (m, *out.shape)`` of the output space whose outer products sum to
+        the batch's output curvature of ``kind``, the factor ``c`` included: "type-2" the loss
+        Hessian's square root (:meth:`sqrt`), "empirical" the residuals at the targets, "mc" the
+        residuals at ``samples`` draws (``gen``), averaged. Their backward through the model gives
+        the Kronecker factors' output gradients (K-FAC, EK-FAC). Free beyond the draws."""
+        if kind == "type-2":
+            return self.sqrt(out, y)
+        R = self.residual_draws(out, y, kind, gen, samples)
+        R = R / math.sqrt(R.shape[0])  # the m draws' outer products averaged
+        c = torch.as_tensor(self.factor(out, y), dtype=out.dtype, device=out.device)
+        return R * c.sqrt()
 
     def fisher_matmat(self, out: Tensor, R: Tensor, U: Tensor, factor: Tensor | float) -> Tensor:
         """``factor * mean_m sum_t r_mt (r_mt . U_t)``: the Fisher's output-space matrix for
