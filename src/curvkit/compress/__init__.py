@@ -1,0 +1,7 @@
+"""``curvkit.compress``: Hessian-aware compression. Per-layer sensitivity (the same blocks and
+algorithms as the report's per-layer section), HAWQ bit allocation, OBS/SparseGPT-style and
+M-FAC pruning, Optimal Brain Apoptosis structured pruning, GPTQ quantization."""
+
+from .quantizers import QuantGrid, Quantizer, UniformQuantizer
+
+__all__ = ["Quantizer", "QuantGrid", "UniformQuantizer"]
