@@ -3,5 +3,6 @@ algorithms as the report's per-layer section), HAWQ bit allocation, OBS/SparseGP
 M-FAC pruning, Optimal Brain Apoptosis structured pruning, GPTQ quantization."""
 
 from .quantizers import QuantGrid, Quantizer, UniformQuantizer
+from .results import PruneResult, load_state_dict, save_state_dict
 
-__all__ = ["Quantizer", "QuantGrid", "UniformQuantizer"]
+__all__ = ["Quantizer", "QuantGrid", "UniformQuantizer", "PruneResult", "save_state_dict", "load_state_dict"]
