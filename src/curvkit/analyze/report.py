@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..progress import progress as progress_bar
 from ..errors import ArgumentError
-from ..model import Risk, layers
+from ..model import Risk
 
 SCHEMA_VERSION = "curvkit.report/1"
 
@@ -139,6 +139,7 @@ def analyze(
     shift-invert, and then the bound is loose and ``converged`` is False.
     """
     from .. import eigenvalues, ggn, hessian, outliers as find_outliers, spectral_density, trace
+    from ..compress.sensitivity import layer_sensitivity
 
     if not isinstance(k, int) or k < 1:
         raise ArgumentError(f"k must be a positive integer, got {k!r}")
@@ -200,13 +201,13 @@ def analyze(
             with step("trace") as rec:
                 tr = trace(H, probes=probes, seed=seed)
                 rec["products"], rec["passes"] = tr.matvecs, None  # Hutch++: 3 block products per 64 probes
-            with step("per-layer traces") as rec:
-                ltr = trace(H, probes=probes, seed=seed, by="layer")
-                rec["products"], rec["passes"] = ltr.matvecs, None
-            with step("per-layer top eigenvalue") as rec:
-                leig = eigenvalues(H, k=1, by="layer", **lanczos)
-                rec["products"] = leig.matvecs
-                rec["passes"] = sum(r.iterations for _, r in leig.items())
+            # the per-layer section is compress.sensitivity's code path: HAWQ's sensitivities and
+            # this table are the same blocks, algorithms and seeds (DESIGN.md rule 2)
+            bar.set_description("curvkit analyze: per-layer traces and top eigenvalues")
+            sens = layer_sensitivity(H, quantities=("trace", "top_eigenvalue"), probes=probes, **lanczos)
+            cost["per-layer traces"] = sens.cost["trace"]
+            cost["per-layer top eigenvalue"] = sens.cost["top_eigenvalue"]
+            bar.update(2)
             with step("spectral density") as rec:
                 dens = spectral_density(H, iterations=density_iterations, probes=density_probes, grid=1000,
                                         seed=seed, progress=progress)
@@ -221,7 +222,7 @@ def analyze(
     frac = float((V.T @ g).square().sum()) / gnorm2 if gnorm2 > 0 else 0.0
     density = _density_section(dens, n)
     out = find_outliers(eigen=eh, density=dens)  # the public rule (ck.outliers): SLQ bulk edge and gaps
-    layer_rows = _layer_section(H, ltr, leig)
+    layer_rows = sens.rows()
     n_total = sum(p.numel() for p in model.parameters())
     first_x, _ = H.data.first()
     sets = {
@@ -349,22 +350,6 @@ def _density_section(d, n: int) -> dict:
         "nodes": d.nodes.tolist(), "weights": d.weights.tolist(), "node_min": float(d.nodes.min()),
         "node_max": float(d.nodes.max()), "products": d.matvecs,
     }
-
-
-def _layer_section(H, ltr, leig) -> list:
-    found = {layer.name: layer for layer in layers(H.model, H.space.named)}
-    out = []
-    for name, tr in ltr.items():
-        layer = found[name]
-        e = leig[name]
-        out.append({
-            "name": name, "type": type(layer.module).__name__, "kind": layer.kind,
-            "parameters": sum(p.numel() for n, p in H.space.named if n in layer.param_names),
-            "trace": tr.value, "trace_stderr": tr.stderr, "trace_products": tr.matvecs,
-            "top_eigenvalue": float(e.values[0]), "top_residual": float(e.residuals[0]),
-            "converged": bool(e.converged), "eig_products": e.matvecs,
-        })
-    return out
 
 
 def _describe(loss_fn: Any) -> str:
