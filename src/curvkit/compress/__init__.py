@@ -6,3 +6,8 @@ from .quantizers import QuantGrid, Quantizer, UniformQuantizer
 from .results import PruneResult, load_state_dict, save_state_dict
 
 __all__ = ["Quantizer", "QuantGrid", "UniformQuantizer", "PruneResult", "save_state_dict", "load_state_dict"]
+from .sensitivity import LayerSensitivity, Sensitivity, layer_sensitivity, sensitivity  # noqa: E402
+from .hawq import BitPlan, FrontierPoint, allocate_bits  # noqa: E402
+
+__all__ += ["sensitivity", "layer_sensitivity", "Sensitivity", "LayerSensitivity", "allocate_bits", "BitPlan",
+            "FrontierPoint"]
