@@ -121,6 +121,8 @@ def influence(
     damping: float = typer.Option(1e-3, help="Added to the curvature's diagonal (>= 0; ekfac only)."),
     k: int = typer.Option(5, help="Helpful and harmful training examples listed per query."),
     batches: Optional[int] = typer.Option(None, help="Use at most this many batches of --data."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    dtype: str = typer.Option("float32", help="float32 | float64"),
     seed: int = typer.Option(0, help="Seed of the default's label flips, split and training."),
     out: Path = typer.Option(Path("curvkit-influence"), help="Output folder."),
     threads: int = typer.Option(0, help="CPU threads (0: torch's choice for --model; the embedded default uses 1)."),
@@ -131,8 +133,8 @@ def influence(
     """Which training examples made these predictions: per query the top-k helpful and harmful
     training examples, and the self-influence ranking that finds mislabeled data; with plots."""
     with _one_line_errors(debug):
-        _influence(model, data, query, loss, checkpoint, unsafe_pickle, method, damping, k, batches, seed, out,
-                   threads, quiet, fast, debug)
+        _influence(model, data, query, loss, checkpoint, unsafe_pickle, method, damping, k, batches, device, dtype,
+                   seed, out, threads, quiet, fast, debug)
 
 
 class _one_line_errors:
@@ -192,15 +194,7 @@ def _analyze(model_spec, data_spec, loss_spec, checkpoint, unsafe_pickle, params
 
     t0 = time.perf_counter()
     warnings.formatwarning = lambda m, c, *a, **kw: f"curvkit: warning: {' '.join(str(m).split())}\n"
-    if dtype not in ("float32", "float64"):
-        raise ArgumentError(f"--dtype must be float32 or float64, got {dtype!r}")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ArgumentError(f"--device must be cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ArgumentError(
-            f"--device {device}: CUDA is not available (torch {torch.__version__}"
-            f"{' is a CPU-only build' if torch.version.cuda is None else ' sees no GPU'}); use --device cpu"
-        )
+    _check_device_dtype(device, dtype)
     _check_user_specs(model_spec, data_spec, checkpoint, batches, "analyse")
     loss_fn = _loss(loss_spec, debug)
     ranks = _Ranks.start(device)  # under torchrun: the process group, this rank and the world size
@@ -272,6 +266,21 @@ def _run(ranks, model_spec, data_spec, loss_fn, checkpoint, unsafe_pickle, param
         typer.echo("\n".join(lines))
 
 
+def _check_device_dtype(device: str, dtype: str) -> None:
+    """``--device`` (cpu, cuda, cuda:N with a GPU present) and ``--dtype`` (float32, float64)."""
+    import torch
+
+    if dtype not in ("float32", "float64"):
+        raise ArgumentError(f"--dtype must be float32 or float64, got {dtype!r}")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ArgumentError(f"--device must be cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ArgumentError(
+            f"--device {device}: CUDA is not available (torch {torch.__version__}"
+            f"{' is a CPU-only build' if torch.version.cuda is None else ' sees no GPU'}); use --device cpu"
+        )
+
+
 def _check_user_specs(model_spec, data_spec, checkpoint, batches, verb: str) -> None:
     """The flags that go together: --data and --checkpoint with --model, --model with --data."""
     if batches is not None and batches < 1:
@@ -293,7 +302,7 @@ def _user_problem(model_spec, data_spec, checkpoint, unsafe_pickle, batches, deb
 
 
 def _influence(model_spec, data_spec, query_spec, loss_spec, checkpoint, unsafe_pickle, method, damping, k,
-               batches, seed, out, threads, quiet, fast, debug) -> None:
+               batches, device, dtype, seed, out, threads, quiet, fast, debug) -> None:
     import time
 
     import torch
@@ -311,6 +320,7 @@ def _influence(model_spec, data_spec, query_spec, loss_spec, checkpoint, unsafe_
         raise ArgumentError(f"--damping: {e}") from None
     if k < 1:
         raise ArgumentError(f"--k must be >= 1, got {k}")
+    _check_device_dtype(device, dtype)
     _check_user_specs(model_spec, data_spec, checkpoint, batches, "use")
     if query_spec and not model_spec:
         raise ArgumentError("--query needs --model and --data (the default brings its own held-out queries)")
@@ -338,9 +348,15 @@ def _influence(model_spec, data_spec, query_spec, loss_spec, checkpoint, unsafe_
 
             queries = [(map_tensors(lambda t: t[:8], x), y[:8])]
             description += "; queries: the first 8 training examples"
+    torch_dtype = getattr(torch, dtype)
+    model = model.to(device=device, dtype=torch_dtype)
+    train = [_move(b, device, torch_dtype) for b in train]
+    queries = [_move(b, device, torch_dtype) for b in queries]
+    description += f"; {device}, {dtype}"
     report = influence_report(model, loss_fn, train, queries, method=method, damping=damping, k=k, flipped=flipped,
                               description=description,
-                              settings={"command": "curvkit " + " ".join(sys.argv[1:]), "fast": fast, "seed": seed})
+                              settings={"command": "curvkit " + " ".join(sys.argv[1:]), "fast": fast, "seed": seed,
+                                        "device": device, "dtype": dtype})
     try:
         paths = report.save(out)
     except OSError as e:

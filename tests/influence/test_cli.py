@@ -64,10 +64,36 @@ def test_default_end_to_end(default_run):
         assert (out / name).stat().st_size > 10_000  # a drawn figure, not an empty canvas
 
 
+def test_dtype_float64_scores_the_same_weights(default_run, tmp_path):
+    # the same trained float32 weights scored in float64: the same ranking, scores to float32 accuracy
+    proc = _run("--fast", "--quiet", "--dtype", "float64", "--device", "cpu", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    doc64 = json.loads((tmp_path / "influence.json").read_text())
+    doc32 = json.loads((default_run[1] / "influence.json").read_text())
+    assert doc64["settings"]["dtype"] == "float64" and doc32["settings"]["dtype"] == "float32"
+    assert doc64["settings"]["device"] == doc32["settings"]["device"] == "cpu"
+    v64, v32 = torch.tensor(doc64["self_influence"]["values"]), torch.tensor(doc32["self_influence"]["values"])
+    assert float((v64 - v32).norm() / v64.norm()) < 1e-3
+    assert [e["index"] for e in doc64["self_influence"]["top"][:5]] == [e["index"] for e in doc32["self_influence"]["top"][:5]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_cuda_end_to_end(default_run, tmp_path):
+    proc = _run("--fast", "--quiet", "--device", "cuda", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    doc, ref = (json.loads((d / "influence.json").read_text()) for d in (tmp_path, default_run[1]))
+    assert doc["settings"]["device"] == "cuda"
+    assert doc["mislabels"]["found_top_10pct"] == pytest.approx(ref["mislabels"]["found_top_10pct"], abs=0.05)
+
+
 @pytest.mark.parametrize("args, says", [
     (["--damping", "-1"], "--damping"),
     (["--method", "lissa-ish"], "--method must be one of"),
     (["--data", "x:y"], "need --model"),
+    (["--dtype", "float16"], "--dtype must be float32 or float64"),
+    (["--device", "tpu"], "--device must be cpu or cuda"),
+    pytest.param(["--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
 ])
 def test_bad_input_one_line_exit_2(args, says, tmp_path):
     proc = _run(*args, "--out", str(tmp_path))

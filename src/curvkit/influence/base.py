@@ -37,9 +37,12 @@ from torch.func import grad, vmap
 
 from ..errors import ArgumentError, DataError, ModelError, ShapeError, TooLargeError
 from ..model.data import Batches, map_tensors, split_batch, tensors_of
+from ..model.layers import Layer
+from ..model.layers import layers as find_layers
 from ..model.params import ParamSpec
 from ..model.per_example import per_example_gradients
 from ..model.risk import Mode, Risk
+from .lowrank import LowRankQueries, check_rank
 
 Measurement = Callable[[Tensor, Tensor], Tensor]
 
@@ -172,13 +175,18 @@ class Influence:
         """``(first index, (B, n) per-example loss gradients)`` for each training (micro-)batch,
         from :func:`curvkit.per_example_gradients`; refuses training data that changed since the
         constructor (a checksum of every batch, :class:`curvkit.model.Batches`)."""
-        r, start = self.risk, 0
+        r = self.risk
+        for start, x, y in self._train_data():
+            yield start, per_example_gradients(r.model, r.spec, (x, y), r.space.names, mode=r.mode,
+                                               reduction=r.reduction, output=r.output, max_batch=r.max_batch)
+
+    def _train_data(self) -> Iterator[tuple[int, Any, Tensor]]:
+        """``(first index, inputs, targets)`` per training batch, refusing changed data."""
+        start = 0
         try:
-            for _, x, y in r.batches:
-                G = per_example_gradients(r.model, r.spec, (x, y), r.space.names, mode=r.mode,
-                                          reduction=r.reduction, output=r.output, max_batch=r.max_batch)
-                yield start, G
-                start += G.shape[0]
+            for _, x, y in self.risk.batches:
+                yield start, x, y
+                start += int(y.shape[0])
         except DataError as e:
             raise DataError(f"the training data changed since {type(self).__name__} was built: {e}. "
                             "Training indices would not mean the same examples; pass the same batches in "
@@ -222,22 +230,31 @@ class Influence:
         return torch.cat(rows)
 
     # scores ----------------------------------------------------------------------------
-    def _score_blocks(self, query_data: Any) -> Iterator[tuple[int, Tensor]]:
+    def _score_blocks(self, query_data: Any, query_rank: int | None = None) -> Iterator[tuple[int, Tensor]]:
         """``(first row, (b, n_train) scores)`` per query batch: one training pass per batch and stage."""
         self._check_fitted()
+        query_rank = check_rank(query_rank)
         queries = self._query_batches(query_data)
         row = 0
         for x, y in queries:
             S = None
             for w in self._stages():
                 P = self._precondition(self._measure_gradients(x, y)) * w
-                part = torch.cat([P @ G.to(P.dtype).T for _, G in self.train_batches()], dim=1)
+                if query_rank is None:
+                    part = torch.cat([P @ G.to(P.dtype).T for _, G in self.train_batches()], dim=1)
+                else:
+                    low = LowRankQueries(P, self._low_rank_layers(), self.risk, query_rank)
+                    part = torch.cat([low.scores(xt, yt) for _, xt, yt in self._train_data()], dim=1)
                 S = part if S is None else S + part
             yield row, S
             row += S.shape[0]
 
+    def _low_rank_layers(self) -> list[Layer]:
+        """The layers whose query gradients ``query_rank`` truncates: every Kronecker one (untied)."""
+        return [la for la in find_layers(self.model, self.risk.space.named) if la.kron_reason() is None]
+
     def scores(self, query_data: Any, *, out: str | os.PathLike | None = None,
-               max_bytes: int | None = None) -> Tensor | np.ndarray:
+               max_bytes: int | None = None, query_rank: int | None = None) -> Tensor | np.ndarray:
         """The ``(n_query, n_train)`` influence matrix (see the module docstring for the sign).
 
         ``query_data``: one ``(inputs, targets)`` batch or an iterable of them (each batch is a
@@ -246,10 +263,19 @@ class Influence:
         matrix over ``max_bytes`` (default: half the machine's memory) raises
         :class:`~curvkit.errors.TooLargeError` that says to stream it.
 
+        ``query_rank``: truncate each Linear/Conv2d layer's block ``(out, cols)`` of every
+        preconditioned query gradient to its rank-``query_rank`` SVD (:mod:`.lowrank`), so a
+        query-example pair costs ``T r (out + cols)`` per layer (``T`` rows per example) instead
+        of ``out * cols`` and the training side never forms per-example gradients of those
+        layers; ``None`` (default): exact. A rank ``>= min(out, cols)`` gives the exact scores.
+
         Cost: per query batch, its measurement gradients, one preconditioning, and one pass over
-        the training data computing per-example gradients (per checkpoint for TracIn).
+        the training data computing per-example gradients (per checkpoint for TracIn); with
+        ``query_rank`` one SVD per query and layer, and per training batch one forward and
+        backward with layer hooks (plus per-example gradients of the non-matrix parameters).
         Memory: one query batch's ``b x n_train`` block plus ``b x n`` and ``B_train x n`` gradients.
         """
+        query_rank = check_rank(query_rank)
         queries = self._query_batches(query_data)
         nq = sum(int(y.shape[0]) for _, y in queries)
         dtype = self.risk.space.dtype
@@ -262,12 +288,12 @@ class Influence:
                 "(a numpy memmap written in row blocks), or score fewer queries at a time")
         if out is None:
             S = torch.empty(nq, self.n_train, dtype=dtype, device=self.risk.space.device)
-            for r0, block in self._score_blocks(queries):
+            for r0, block in self._score_blocks(queries, query_rank):
                 S[r0 : r0 + block.shape[0]] = block
             return S
         npdt = {torch.float64: np.float64, torch.float16: np.float32, torch.bfloat16: np.float32}.get(dtype, np.float32)
         mm = np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=npdt, shape=(nq, self.n_train))
-        for r0, block in self._score_blocks(queries):
+        for r0, block in self._score_blocks(queries, query_rank):
             mm[r0 : r0 + block.shape[0]] = block.detach().cpu().to(torch.float64).numpy()
         mm.flush()
         del mm
@@ -291,13 +317,15 @@ class Influence:
         dt = self.risk.space.dtype
         return dt if dt in (torch.float32, torch.float64) else torch.float32
 
-    def top(self, query_data: Any, k: int = 10) -> TopResult:
+    def top(self, query_data: Any, k: int = 10, *, query_rank: int | None = None) -> TopResult:
         """The ``k`` most helpful (largest scores) and most harmful (most negative) training
-        examples of each query. Cost: as :meth:`scores`, holding one row block at a time."""
+        examples of each query (``query_rank`` as for :meth:`scores`). Cost: as :meth:`scores`,
+        holding one row block at a time."""
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.n_train:
             raise ArgumentError(f"k must be an integer in [1, n_train={self.n_train}], got {k!r}")
+        query_rank = check_rank(query_rank)
         parts = [[], [], [], []]
-        for _, S in self._score_blocks(query_data):
+        for _, S in self._score_blocks(query_data, query_rank):
             hv, hi = S.topk(k, dim=1)
             bv, bi = (-S).topk(k, dim=1)
             for lst, t in zip(parts, (hi, hv, bi, -bv)):

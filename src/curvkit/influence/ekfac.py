@@ -53,7 +53,8 @@ class EKFAC(Influence):
     :class:`~curvkit.influence.Exact` with the GGN) wherever K-FAC is: a single linear layer
     under squared error with one output per example, or one training example.
 
-    ``.eigenvalues``: ``{layer: Lambda (out, cols)}`` and ``{parameter: Lambda (shape)}`` for the
+    ``.kfac``: the fitted :func:`curvkit.kfac` operator whose factors give the eigenbases (None
+    without a Kronecker layer). ``.eigenvalues``: ``{layer: Lambda (out, cols)}`` and ``{parameter: Lambda (shape)}`` for the
     diagonal ones. A chosen parameter of any other layer type raises
     :class:`~curvkit.errors.ModelError` naming the covered kinds; leave it out with ``params=``.
 
@@ -107,7 +108,8 @@ class EKFAC(Influence):
             self._eig = {name: (QA, QG) for name, (_, QA, _, QG) in K.eigen().items()}
             self._seed = K.seed
         else:
-            self._seed = seed_int(self.seed)
+            K, self._seed = None, seed_int(self.seed)
+        self.kfac = K
         dt = self._work_dtype()
         zeros = [torch.zeros(layer.shape[0], self._eig[layer.name][0].shape[0], dtype=dt, device=r.space.device)
                  for layer in self._kron]
