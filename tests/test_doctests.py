@@ -15,7 +15,7 @@ DOCUMENTED = [
     "curvkit.linalg.lanczos", "curvkit.linalg.trace", "curvkit.linalg.diagonal", "curvkit.linalg.density",
     "curvkit.linalg.cg", "curvkit.linalg.power", "curvkit.model.per_example", "curvkit.linear_operator",
     "curvkit.optim.adahessian", "curvkit.optim.sophia", "curvkit.optim.kfac", "curvkit.optim.shampoo",
-    "curvkit.optim.soap", "curvkit.optim.muon",
+    "curvkit.optim.soap", "curvkit.optim.muon", "curvkit.optim.mfac", "curvkit.approx.mfac", "curvkit.compress.mfac",
 ]
 
 

@@ -117,6 +117,12 @@ def _ck_muon(model, lr, refresh, seed):
     return Muon(model, lr=lr, adamw_lr=MUON_ADAMW_LR, weight_decay=0.0)
 
 
+def _ck_mfac(model, lr, refresh, seed):
+    from curvkit.optim import MFAC
+
+    return MFAC(model.parameters(), lr=lr, window=32, damping=1e-2, weight_decay=0.0)
+
+
 def _heavyball():
     """heavyball, with its torch.compile mode from ``CURVKIT_BENCH_HEAVYBALL_COMPILE`` if set
     ("none": eager; else a torch.compile mode). Its default, "max-autotune-no-cudagraphs",
@@ -231,6 +237,9 @@ SPECS: dict[str, OptSpec] = {s.name: s for s in [
             package="curvkit.optim", note="curvkit"),
     OptSpec("muon", [3e-3, 1e-2, 3e-2, 1e-1], _ck_muon, "torch", package="curvkit.optim",
             note=f"curvkit; AdamW lr {MUON_ADAMW_LR:g} for embeddings, head, norms, biases"),
+    # issue 15: M-FAC, the windowed empirical Fisher's inverse (32 gradients, damping 1e-2)
+    OptSpec("mfac", [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], _ck_mfac, "torch", package="curvkit.optim",
+            note="curvkit, window 32, damping 1e-2"),
     OptSpec("hb_soap", [1e-3, 3e-3, 1e-2, 3e-2], _hb("SOAP"), "torch", refreshes=(10,), default_refresh=10,
             package="heavyball", note="heavyball (peer)"),
     OptSpec("hb_psgd_kron", [3e-4, 1e-3, 3e-3, 1e-2], _hb("PSGDKron"), "torch", package="heavyball",

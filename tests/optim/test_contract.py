@@ -1,5 +1,5 @@
 """The contract every curvkit optimizer keeps, as torch's ``optim_db`` checks it for torch's:
-AdaHessian, Sophia-H, Sophia-G, K-FAC, Shampoo, SOAP and Muon, each built from a tiny classifier
+AdaHessian, Sophia-H, Sophia-G, K-FAC, Shampoo, SOAP, Muon and M-FAC, each built from a tiny classifier
 by one entry of ``KINDS`` (refresh periods small, so the tests cross them).
 
 Each is driven by torch's loop: ``loss.backward(); opt.step()`` (AdaHessian and Sophia-H:
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from curvkit.errors import ArgumentError, NonFiniteError
-from curvkit.optim import KFAC, SOAP, AdaHessian, Muon, Shampoo, Sophia
+from curvkit.optim import KFAC, MFAC, SOAP, AdaHessian, Muon, Shampoo, Sophia
 
 from ._problems import class_batches, classifier
 
@@ -58,6 +58,10 @@ def _shampoo(model, groups=None, **kw):
 def _soap(model, groups=None, **kw):
     # lr 0.03: at 0.01 the reference implementation itself only gets this loss to 0.61x in 40 steps
     return SOAP(_params(model, groups), **{"lr": 0.03, "every": 3, **kw})
+
+
+def _mfac(model, groups=None, **kw):
+    return MFAC(_params(model, groups), **{"lr": 0.03, "window": 8, "damping": 1e-2, **kw})
 
 
 def _muon(model, groups=None, **kw):
@@ -104,6 +108,9 @@ KINDS = {
                   dict(adamw_betas=(0.9, 1.0)), dict(adamw_betas=0.9), dict(adamw_eps=0.0),
                   dict(adamw_weight_decay=-1)],
                  freeze={"lr": 0.0, "adamw_lr": 0.0}),
+    "mfac": Kind(_mfac, "backward", dict(lr=0.02, window=6, damping=3e-2, weight_decay=0.01, momentum=0.5),
+                 [dict(lr=-1.0), dict(window=0), dict(window=2.5), dict(damping=0.0), dict(damping=float("nan")),
+                  dict(weight_decay=-0.1), dict(momentum=1.0), dict(momentum=-0.5)]),
 }
 TORCH_LOOP = {k: v for k, v in KINDS.items() if v.loop == "backward"}  # test_ddp's: they read only p.grad
 # what the constructors take that is not a hyperparameter: the parameters or model, the seed (its

@@ -2,12 +2,16 @@
 algorithms as the report's per-layer section), HAWQ bit allocation, OBS/SparseGPT-style and
 M-FAC pruning, Optimal Brain Apoptosis structured pruning, GPTQ quantization."""
 
+from .hawq import BitPlan, FrontierPoint, allocate_bits
+from .mfac import mfac_prune
 from .quantizers import QuantGrid, Quantizer, UniformQuantizer
 from .results import PruneResult, load_state_dict, save_state_dict
+from .sensitivity import LayerSensitivity, Sensitivity, layer_sensitivity, sensitivity
 
-__all__ = ["Quantizer", "QuantGrid", "UniformQuantizer", "PruneResult", "save_state_dict", "load_state_dict"]
-from .sensitivity import LayerSensitivity, Sensitivity, layer_sensitivity, sensitivity  # noqa: E402
-from .hawq import BitPlan, FrontierPoint, allocate_bits  # noqa: E402
-
-__all__ += ["sensitivity", "layer_sensitivity", "Sensitivity", "LayerSensitivity", "allocate_bits", "BitPlan",
-            "FrontierPoint"]
+__all__ = [
+    "sensitivity", "layer_sensitivity", "Sensitivity", "LayerSensitivity",
+    "allocate_bits", "BitPlan", "FrontierPoint",
+    "mfac_prune",
+    "Quantizer", "QuantGrid", "UniformQuantizer",
+    "PruneResult", "save_state_dict", "load_state_dict",
+]

@@ -1,4 +1,4 @@
-"""Optimizers that use curvature: ``from curvkit.optim import AdaHessian, Sophia, KFAC, Shampoo, SOAP, Muon``.
+"""Optimizers that use curvature: ``from curvkit.optim import AdaHessian, Sophia, KFAC, Shampoo, SOAP, Muon, MFAC``.
 
 All take torch's loop (``opt.zero_grad(); loss.backward(); opt.step()``); AdaHessian and
 Sophia-H need ``loss.backward(create_graph=True)`` there, since their Hessian-vector products go
@@ -18,15 +18,16 @@ One step protocol (:mod:`curvkit.optim._base`): everything new is computed out o
 once for NaN/inf (one host sync), then written; hyperparameters are per param group and in the
 state_dict; refresh periods are called ``every``. The diagonals come from the same Hutchinson
 samples as ``curvkit.diagonal``; factors, roots, eigenbases and orthogonalisations from
-:mod:`curvkit.approx`. Runnable versions: examples/optim.py, examples/optim_kron.py.
+:mod:`curvkit.approx` (MFAC's sliding-window inverse Fisher: :mod:`curvkit.approx.mfac`). Runnable versions: examples/optim.py, examples/optim_kron.py.
 """
 
 from .adahessian import AdaHessian, adahessian_update
 from .kfac import KFAC
+from .mfac import MFAC
 from .muon import Muon, muon_update
 from .shampoo import Shampoo
 from .soap import SOAP
 from .sophia import Sophia, sophia_update
 
-__all__ = ["AdaHessian", "Sophia", "KFAC", "Shampoo", "SOAP", "Muon",
+__all__ = ["AdaHessian", "Sophia", "KFAC", "Shampoo", "SOAP", "Muon", "MFAC",
            "adahessian_update", "sophia_update", "muon_update"]
