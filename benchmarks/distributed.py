@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -176,16 +177,20 @@ def model_tensors(model: nn.Module) -> list:
 # -- models and data --------------------------------------------------------------------------
 @contextlib.contextmanager
 def deterministic():
-    """Deterministic kernels (so that two launches build the same weights), restored after."""
+    """Deterministic kernels and one CPU thread (a CPU matmul's sums depend on the thread count),
+    so that two launches with different world sizes build the same weights; restored after."""
     was = torch.are_deterministic_algorithms_enabled()
     warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             yield
     finally:
         torch.use_deterministic_algorithms(was, warn_only=warn)
+        torch.set_num_threads(threads)
 
 
 def resnet(device, quick: bool, seed: int = 0) -> nn.Module:
@@ -289,7 +294,7 @@ def compare(res: dict, ref: dict, rtol: float) -> dict:
 
 
 # -- part 2: optimizers under DDP ---------------------------------------------------------------
-def optimizers(name: str, device, args, rank: int, world: int, log) -> dict:
+def optimizers(name: str, built: nn.Module, device, args, rank: int, world: int, log) -> dict:
     loss_fn = loss_of(name)
     total = args.sizes[family(name)]["opt_total"]
     if total % world:
@@ -308,7 +313,7 @@ def optimizers(name: str, device, args, rank: int, world: int, log) -> dict:
     batches = [(x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]) for x, y in batches]
     rows = {}
     for opt_name in args.optimizers:
-        model = make_model(name, device, args).train()
+        model = copy.deepcopy(built).train()  # the same weights for every optimizer (rank 0's)
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         spec = SPECS[opt_name]
         opt = spec.make(model, LR[opt_name])  # KFAC and Muon hook / split the module itself, not the wrapper
@@ -339,14 +344,19 @@ def optimizers(name: str, device, args, rank: int, world: int, log) -> dict:
             pk = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
             mean = reduce_max(statistics.fmean(times), device)
             med = reduce_max(statistics.median(times), device)
-            mine = torch.tensor([bit_checksum(model_tensors(model), device)], dtype=torch.int64, device=device)
+            # parameters (what the optimizer writes) and buffers apart: DDP broadcasts rank 0's buffers at
+            # the start of each forward, and BatchNorm then updates them from the rank's own batch
+            mine = torch.tensor([bit_checksum(list(model.parameters()), device),
+                                 bit_checksum(list(model.buffers()), device)], dtype=torch.int64, device=device)
             every = [torch.zeros_like(mine) for _ in range(world)]
             dist.all_gather(every, mine)
-            sums = [int(t) for t in every]
+            sums = [int(t[0]) for t in every]
             identical = len(set(sums)) == 1
+            buffers_identical = len({int(t[1]) for t in every}) == 1
             row = {"seconds_mean": mean, "seconds_median": med, "steps": args.steps,
                    "peak_gib": reduce_max(pk, device) if pk is not None else None,
                    "loss": float(loss.detach()), "bit_identical": identical, "checksums": sums,
+                   "buffers_identical": buffers_identical,
                    "lr": LR[opt_name], "refresh": spec.default_refresh}
             if not identical:
                 row["max_abs_diff_from_rank0"] = max_diff_from_rank0(model, device)
@@ -365,7 +375,7 @@ def optimizers(name: str, device, args, rank: int, world: int, log) -> dict:
 
 def max_diff_from_rank0(model, device) -> float:
     worst = 0.0
-    for t in model_tensors(model):
+    for t in model.parameters():
         r0 = t.detach().clone()
         dist.broadcast(r0, src=0)
         if t.is_floating_point():
@@ -409,12 +419,14 @@ def curvature_table(name: str, res: dict, cmp: dict | None, inline: dict | None,
 
 
 def optim_table(name: str, rows: dict, log) -> None:
-    log(f"{'optimizer':9s} {'s/step':>9s} {'median':>9s} {'x AdamW':>8s} {'peak GiB':>8s}  ranks")
+    log(f"{'optimizer':9s} {'s/step':>9s} {'median':>9s} {'x AdamW':>8s} {'peak GiB':>8s}  parameters across ranks")
     for opt, r in rows.items():
         if "error" in r:
             log(f"{opt:9s} FAILED {r['error']}")
             continue
         same = "bit-identical" if r["bit_identical"] else f"DIFFER (max |diff| {r['max_abs_diff_from_rank0']:.2e})"
+        if not r["buffers_identical"]:
+            same += "; buffers differ (BatchNorm statistics of each rank's own batch)"
         log(f"{opt:9s} {r['seconds_mean']:9.4f} {r['seconds_median']:9.4f} {r.get('x_adamw', float('nan')):8.2f} "
             f"{fmt_pk(r['peak_gib']):>8s}  {same}")
 
@@ -446,7 +458,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--max-matvecs", type=int, default=None, help="product budget of the top-k (default: the library's)")
-    ap.add_argument("--trace-probes", type=int, default=30, help="Hutch++ products (>= 20, else it is Hutchinson)")
+    ap.add_argument("--trace-probes", type=int, default=20, help="Hutch++ products (>= 20, else it is Hutchinson)")
     ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -513,7 +525,7 @@ def main() -> None:
             t = args.sizes[family(name)]["opt_total"]
             log(f"\n## {name}: optimizers under DDP, {t} examples per step ({t // world} per rank), "
                 f"{args.steps} timed steps after {args.warmup}")
-            entry["optim"] = optimizers(name, device, args, rank, world, log)
+            entry["optim"] = optimizers(name, model, device, args, rank, world, log)
             optim_table(name, entry["optim"], log)
         del model
         if device.type == "cuda":
