@@ -396,7 +396,7 @@ def curvature_table(name: str, res: dict, cmp: dict | None, inline: dict | None,
     for task in ("hvp", "ggn", "top5", "trace"):
         r = res[task]
         if task in ("hvp", "ggn"):
-            what = f"||v||-probe norm {r['norm']:.6g}" + (f" ({r['strategy']})" if "strategy" in r else "")
+            what = f"||A v|| {r['norm']:.6g}" + (f" ({r['strategy']})" if "strategy" in r else "")
         elif task == "top5":
             what = " ".join(f"{x:.5g}" for x in r["values"]) + ("" if r["converged"] else " (not converged)")
         else:
