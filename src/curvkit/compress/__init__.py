@@ -4,5 +4,8 @@ M-FAC pruning, Optimal Brain Apoptosis structured pruning, GPTQ quantization."""
 
 from .quantizers import QuantGrid, Quantizer, UniformQuantizer
 from .results import PruneResult, load_state_dict, save_state_dict
+from .structured import apply_structure, find_groups, prune_structured
+from .oba import OBAScores, oba_scores
 
 __all__ = ["Quantizer", "QuantGrid", "UniformQuantizer", "PruneResult", "save_state_dict", "load_state_dict"]
+__all__ += ["apply_structure", "find_groups", "prune_structured", "oba_scores", "OBAScores"]

@@ -51,7 +51,7 @@ class OBAScores:
 
 def _params_of(model: nn.Module, sets: list[GroupSet]) -> list[str]:
     touched = {p for s in sets for p, _, _ in s.members(model)}
-    return [n for n, p in model.named_parameters() if n in touched]
+    return [n for n, p in model.named_parameters() if n in touched and p.requires_grad]
 
 
 def oba_scores(model: nn.Module, loss_fn: Any, data: Any, sets: list[GroupSet], *, curvature: str = "hessian",
@@ -59,8 +59,8 @@ def oba_scores(model: nn.Module, loss_fn: Any, data: Any, sets: list[GroupSet], 
                progress: bool | None = None) -> OBAScores:
     """The OBA score of every group of ``sets`` (from :func:`curvkit.compress.structured.find_groups`).
 
-    The curvature is over the parameters the groups touch (all their layers, so the cross-layer
-    blocks are in). ``max_matvecs=None`` or at least the number of groups ``S``: exact, one
+    The curvature is over the trainable parameters the groups touch (all their layers, so the
+    cross-layer blocks are in); the slices of frozen parameters are left out of the directions. ``max_matvecs=None`` or at least the number of groups ``S``: exact, one
     product per group. Fewer: ``max_matvecs`` (at least 2) randomized products, each giving an
     unbiased estimate of every group's quadratic term, averaged, with the standard error.
 
