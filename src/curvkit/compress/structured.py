@@ -479,7 +479,9 @@ def group_indices(model: nn.Module, sets: list[GroupSet], names: list[str]) -> l
     return out
 
 
-def _magnitude(model: nn.Module, sets: list[GroupSet]) -> list[Tensor]:
+def magnitude_scores(model: nn.Module, sets: list[GroupSet]) -> list[Tensor]:
+    """Per group set, each unit's L2 norm over all the weights it owns (every layer it touches).
+    Cost: a read of those weights."""
     params = dict(model.named_parameters())
     scores = []
     for s in sets:
@@ -493,8 +495,8 @@ def _magnitude(model: nn.Module, sets: list[GroupSet]) -> list[Tensor]:
     return scores
 
 
-def _choose(scores: list[Tensor], sets: list[GroupSet], sparsity: float, scope: str) -> dict[str, list[int]]:
-    """The units to remove: the lowest scores, ``round(sparsity * units)`` per set ("layer") or over all
+def select_groups(scores: list[Tensor], sets: list[GroupSet], sparsity: float, scope: str = "layer") -> dict[str, list[int]]:
+    """The units to remove (``{set name: unit indices}``) given per-set ``scores``: the lowest scores, ``round(sparsity * units)`` per set ("layer") or over all
     sets ("global"); at least one unit of every set is kept."""
     removed: dict[str, list[int]] = {}
     if scope == "layer":
@@ -570,7 +572,7 @@ def prune_structured(model: nn.Module, loss_fn: Any = None, data: Any = None, *,
     sets = find_groups(model, pat.kind, params)
     extra: list[dict] = [{} for _ in sets]
     if method == "magnitude":
-        scores = _magnitude(model, sets)
+        scores = magnitude_scores(model, sets)
     else:
         if loss_fn is None or data is None:
             raise ArgumentError("method='oba' needs loss_fn and data (the loss whose Taylor expansion scores the "
@@ -583,7 +585,7 @@ def prune_structured(model: nn.Module, loss_fn: Any = None, data: Any = None, *,
         for i, s in enumerate(sets):
             extra[i] = {"exact": res.exact, "matvecs": res.matvecs,
                         "stderr_max": float(res.stderr[i].max()) if res.stderr is not None else 0.0}
-    removed = _choose(scores, sets, float(sparsity), scope)
+    removed = select_groups(scores, sets, float(sparsity), scope)
     structure = structure_of(model, sets, removed)
     x = _first_inputs(data)
     masked_out = None
@@ -617,4 +619,4 @@ def prune_structured(model: nn.Module, loss_fn: Any = None, data: Any = None, *,
 
 
 __all__ = ["Cut", "GroupSet", "find_groups", "trace", "apply_structure", "structure_of", "zero_groups",
-           "group_indices", "prune_structured", "KINDS"]
+           "group_indices", "magnitude_scores", "select_groups", "prune_structured", "KINDS"]
