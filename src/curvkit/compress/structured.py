@@ -532,13 +532,13 @@ def _first_inputs(data: Any):
 
 def prune_structured(model: nn.Module, loss_fn: Any = None, data: Any = None, *, sparsity: float,
                      pattern: Any = "neuron", method: str = "oba", params: ParamSpec = None,
-                     scope: str = "layer", curvature: str = "hessian", seed: Any = 0, progress: bool | None = None,
+                     scope: str | None = "layer", curvature: str = "hessian", seed: Any = 0, progress: bool | None = None,
                      max_batch: int | None = None, max_matvecs: int | None = None,
                      inplace: bool = False) -> PruneResult:
     """Remove a fraction of the neuron, channel or head groups (see the module docstring) and
     shrink the model to the rest.
 
-    ``sparsity``: the fraction of groups removed, per layer (``scope="layer"``: ``round(sparsity *
+    ``sparsity``: the fraction of groups removed, per layer (``scope="layer"`` or None: ``round(sparsity *
     units)`` of each layer, at least one unit kept) or over all the layers at once
     (``scope="global"``: the lowest scores wherever they are; comparable across layers only for
     ``"oba"``, whose scores are loss changes). ``method``: ``"magnitude"`` (the group's L2 norm over
@@ -565,6 +565,7 @@ def prune_structured(model: nn.Module, loss_fn: Any = None, data: Any = None, *,
         raise ArgumentError(f"sparsity must be a fraction of the groups in [0, 1), got {sparsity!r}")
     if method not in ("magnitude", "oba"):
         raise ArgumentError(f"structured pruning methods are 'magnitude' and 'oba', got {method!r}")
+    scope = "layer" if scope is None else scope
     if scope not in ("layer", "global"):
         raise ArgumentError(f"scope must be 'layer' or 'global', got {scope!r}")
     if not inplace:
