@@ -191,11 +191,12 @@ class _Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(D // self.heads)
+        hd = self.qkv.out_features // (3 * self.heads)  # from the layer, not D: heads can be pruned
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
         mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
         att = att.masked_fill(mask, float("-inf")).softmax(-1)
-        x = x + self.proj((att @ v).transpose(1, 2).reshape(B, T, D))
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(B, T, self.heads * hd))
         return x + self.mlp(self.ln2(x))
 
 

@@ -6,12 +6,15 @@ from .hawq import BitPlan, FrontierPoint, allocate_bits
 from .mfac import mfac_prune
 from .quantizers import QuantGrid, Quantizer, UniformQuantizer
 from .results import PruneResult, load_state_dict, save_state_dict
+from .oba import OBAScores, oba_scores
 from .sensitivity import LayerSensitivity, Sensitivity, layer_sensitivity, sensitivity
+from .structured import apply_structure, find_groups, prune_structured
 
 __all__ = [
     "sensitivity", "layer_sensitivity", "Sensitivity", "LayerSensitivity",
     "allocate_bits", "BitPlan", "FrontierPoint",
     "mfac_prune",
+    "prune_structured", "apply_structure", "find_groups", "oba_scores", "OBAScores",
     "Quantizer", "QuantGrid", "UniformQuantizer",
     "PruneResult", "save_state_dict", "load_state_dict",
 ]
