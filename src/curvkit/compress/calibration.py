@@ -77,8 +77,8 @@ def matrix_to_weight(layer: Layer, M: Tensor) -> Tensor:
 
 class Calibration:
     """Calibration data for layer-wise compression: ``(inputs, targets)`` batches (targets are not
-    used) or inputs alone: a tensor, a dict of tensors, or a list of them. A list of exactly two
-    tensors reads as one ``(inputs, targets)`` batch, as everywhere in curvkit. Dict inputs are
+    used) or inputs alone: a tensor, a dict of tensors, or a *list* of them (a tuple of two
+    tensors is one ``(inputs, targets)`` batch, as everywhere in curvkit). Dict inputs are
     passed as keyword arguments (``model(**inputs)``). Inputs are moved to ``device``."""
 
     def __init__(self, data: Any, device: torch.device, max_batch: int | None = None):
@@ -87,11 +87,11 @@ class Calibration:
                             "(inputs, targets) batches)")
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
             raise ArgumentError(f"max_batch must be a positive integer or None, got {max_batch!r}")
-        if not is_batch(data):
-            if isinstance(data, (Tensor, Mapping)):
-                data = [_pair(data)]
-            elif isinstance(data, (list, tuple)) and data and all(isinstance(b, (Tensor, Mapping)) for b in data):
-                data = [_pair(b) for b in data]
+        inputs_only = isinstance(data, list) or (isinstance(data, tuple) and not is_batch(data))
+        if isinstance(data, (Tensor, Mapping)):
+            data = [_pair(data)]
+        elif inputs_only and data and all(isinstance(b, (Tensor, Mapping)) for b in data):
+            data = [_pair(b) for b in data]
         self.batches = data if isinstance(data, Batches) else Batches(data)
         self.device, self.max_batch = device, max_batch
 

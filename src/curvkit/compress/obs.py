@@ -38,7 +38,7 @@ from .results import Pattern
 
 
 def _work(W: Tensor) -> Tensor:
-    return W.detach().to(torch.promote_types(W.dtype, torch.float32), copy=True)
+    return W.detach().to(torch.promote_types(W.dtype, torch.float32), copy=True).contiguous()
 
 
 def _block(block_size: int, pattern: Pattern | None = None) -> int:
@@ -72,7 +72,7 @@ def obs_prune_matrix(W: Tensor, H: Tensor, *, sparsity: float, pattern: Pattern,
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         E1 = torch.zeros_like(W1)
         u = U1.diagonal()
-        k1 = torch.ones_like(W1, dtype=torch.bool)
+        k1 = torch.ones(W1.shape, dtype=torch.bool, device=W.device)
         if not nm:  # this block's share of the layer's pruned count, rounded cumulatively: exact in total
             k = round(sparsity * rows * i2) - round(sparsity * rows * i1)
             if k > 0:
