@@ -44,14 +44,17 @@ class LayerHooks:
 
     ``inputs[name]``: the layer's (detached) input of the last forward; ``targets[name]``: with
     ``grad_targets``, the tensor whose gradient is the one at the layer's output. ``enabled``:
-    a callable checked on every forward (record nothing when it returns False). The hooks hold
+    a callable checked on every forward (record nothing when it returns False). ``no_grad``:
+    record the inputs of forwards without autograd too (calibration passes under
+    ``torch.no_grad()``; by default only forwards that build a graph are recorded). The hooks hold
     only a weak reference to this object, so a forgotten manager is collected with its owner.
     """
 
     def __init__(self, layers: list[Layer], *, root: nn.Module | None = None, grad_targets: bool = False,
-                 on_grad: GradFn | None = None, enabled: Callable[[], bool] | None = None, hint: str = ""):
+                 on_grad: GradFn | None = None, enabled: Callable[[], bool] | None = None, hint: str = "",
+                 no_grad: bool = False):
         self.layers, self.root, self.grad_targets, self.on_grad = layers, root, grad_targets, on_grad
-        self.enabled, self.hint = enabled, hint
+        self.enabled, self.hint, self.no_grad = enabled, hint, no_grad
         self.inputs: dict[str, Tensor] = {}
         self.targets: dict[str, Tensor] = {}
         self._seen: set[str] = set()
@@ -94,13 +97,16 @@ class LayerHooks:
             raise taylor_pass_error(layer.name, type(inputs[0]).__name__)
         if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(out, Tensor):
             return None
-        if not (torch.is_grad_enabled() and out.requires_grad):
+        graph = torch.is_grad_enabled() and out.requires_grad
+        if not graph and not self.no_grad:
             return None
         if layer.name in self._seen:
             raise weight_shared_error(layer.name, self.hint)
         self._seen.add(layer.name)
         x = inputs[0].detach()
         self.inputs[layer.name] = x
+        if not graph:
+            return None
         if self.on_grad is not None:
             ref, fn = weakref.ref(self), self.on_grad
 
