@@ -100,3 +100,17 @@ def test_bad_input_is_refused_with_what_to_do():
     G[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="NaN"):
         MFACOperator(G, damping=1.0).inverse() @ torch.ones(3, dtype=D64)
+
+
+def test_a_float32_window_gives_the_inverse_diagonal_of_its_float64_copy():
+    # a nearly rank-2 float32 window of 50k entries: a Gram matrix summed in float32 errs by more
+    # than damping * m, which made damping m I + G G^T indefinite (NonFiniteError)
+    gen = torch.Generator().manual_seed(0)
+    m, d = 16, 50_000
+    G = (torch.randn(m, 2, generator=gen) @ torch.randn(2, d, generator=gen)
+         + 1e-3 * torch.randn(m, d, generator=gen)).float()
+    lam = 1e-3 * float((G**2).mean())
+    ref = MFACOperator(G.double(), damping=lam).inverse().diagonal()
+    diag = MFACOperator(G, damping=lam).inverse().diagonal()
+    assert diag.dtype == torch.float32
+    assert float(((diag.double() - ref) / ref).abs().max()) < 1e-5

@@ -119,6 +119,8 @@ def test_bad_input_is_refused_with_what_to_do():
         mfac_prune(model, layers(model), nn.CrossEntropyLoss(), data, sparsity=None, pattern="1:3", **kw)
     with pytest.raises(ArgumentError, match="fixes the sparsity"):
         mfac_prune(model, layers(model), nn.CrossEntropyLoss(), data, sparsity=0.3, pattern="2:4", **kw)
+    with pytest.raises(ArgumentError, match="fixes the sparsity"):
+        mfac_prune(model, layers(model), nn.CrossEntropyLoss(), data, sparsity="half", pattern="2:4", **kw)
     with pytest.raises(ArgumentError, match="oba"):
         mfac_prune(model, layers(model), nn.CrossEntropyLoss(), data, sparsity=0.3, pattern="channel", **kw)
     norm = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()

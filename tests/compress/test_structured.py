@@ -275,3 +275,19 @@ def test_forward_with_a_hard_coded_width_is_refused():
     with pytest.raises(ModelError, match="sizes from the layers|size that pruning changed"):
         prune_structured(Fixed(), None, (x, torch.zeros(2, dtype=torch.long)), sparsity=0.5, pattern="head",
                          method="magnitude")
+
+
+def test_the_output_check_leaves_a_train_mode_model_unchanged():
+    # the pruned-vs-masked check must not update BatchNorm's running statistics nor trip on dropout
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(4, 3, 3),
+                          nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 2, (16,))
+    stats = model[1].running_mean.clone(), model[1].running_var.clone()
+    res = prune_structured(model, nn.CrossEntropyLoss(), (x, y), sparsity=0.5, pattern="channel",
+                           method="magnitude", params="0.weight", inplace=True)
+    kept = [i for i in range(4) if i not in res.layers[0]["removed"]]
+    bn = res.model[1]
+    assert res.model.training and bn.training
+    assert torch.equal(bn.running_mean, stats[0][kept]) and torch.equal(bn.running_var, stats[1][kept])
+    assert int(bn.num_batches_tracked) == 0

@@ -59,10 +59,23 @@ def blocked(G: Tensor, block_size: int) -> Tensor:
     return G.reshape(m, nb, block_size).transpose(0, 1)
 
 
+_CHUNK = 1 << 22  # window entries converted to float64 at a time by gram_row
+
+
 def gram_row(Gb: Tensor, g: Tensor) -> Tensor:
-    """``(nb, m)``: the products of every window row with a new gradient ``g`` ``(nb, B)``, per
-    block: the row and column of the Gram matrix that ``g`` gets. Cost: ``m d`` multiply-adds."""
-    return torch.bmm(Gb, g.unsqueeze(-1)).squeeze(-1)
+    """``(nb, m)``, float64: the products of every window row with a new gradient ``g`` ``(nb, B)``,
+    per block: the row and column of the Gram matrix that ``g`` gets. Accumulated in float64 (in
+    column chunks of a float64 copy, at most 4M entries at a time): a float32 sum over ``d``
+    entries errs by far more than ``damping m`` for large ``d``, which made ``damping m I + G G^T``
+    indefinite and ``[F^-1]_qq`` wrong. Cost: ``m d`` multiply-adds."""
+    if Gb.dtype == torch.float64 and g.dtype == torch.float64:
+        return torch.bmm(Gb, g.unsqueeze(-1)).squeeze(-1)
+    nb, m, B = Gb.shape
+    step = max(1, _CHUNK // max(1, nb * m))
+    out = torch.zeros(nb, m, dtype=torch.float64, device=Gb.device)
+    for s in range(0, B, step):
+        out += torch.bmm(Gb[..., s:s + step].to(torch.float64), g[:, s:s + step, None].to(torch.float64)).squeeze(-1)
+    return out
 
 
 def woodbury_factor(gram: Tensor, n: int, damping: float) -> Tensor:
@@ -100,8 +113,8 @@ class MFACOperator(LinearOperator):
     :meth:`update`. ``.inverse()`` is ``F^-1`` as an operator (:class:`MFACInverse`, with
     ``.diagonal()``); ``.diagonal()`` is ``F``'s diagonal. Both follow later updates.
 
-    Memory: the window, ``window * d`` numbers, and ``nb window^2`` for the Gram matrices
-    (``nb`` the number of blocks, 1 without ``block_size``). Cost: a product with ``V (d, k)``
+    Memory: the window, ``window * d`` numbers, and ``nb window^2`` float64 for the Gram
+    matrices (``nb`` the number of blocks, 1 without ``block_size``). Cost: a product with ``V (d, k)``
     is ``2 n d k`` multiply-adds (no pass over data); the inverse's first product after an
     update also factors ``K`` (``nb n^3/3`` flops); :meth:`update` costs ``n d``.
 
@@ -142,7 +155,7 @@ class MFACOperator(LinearOperator):
         self.shape, self.dtype, self.device = (dim, dim), dtype, torch.device(device or "cpu")
         nb = -(-dim // self.block_size)
         self._G = torch.zeros(nb, window, self.block_size, dtype=dtype, device=self.device)
-        self._gram = torch.zeros(nb, window, window, dtype=dtype, device=self.device)
+        self._gram = torch.zeros(nb, window, window, dtype=torch.float64, device=self.device)  # see gram_row
         self.count, self._next = 0, 0
         self._L: Tensor | None = None
         if gradients is not None:

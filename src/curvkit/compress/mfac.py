@@ -92,7 +92,8 @@ def mfac_prune(model: nn.Module, targets: list[Layer], loss_fn: Any, data: Any, 
         raise ArgumentError(f"method 'mfac' prunes weights, not whole {pat.kind}s; use pattern='unstructured' or "
                             "'n:m', or method='oba'/'magnitude' for structured pruning")
     if pat.kind == "n:m":
-        if sparsity is not None and abs(sparsity - pat.sparsity) > 1e-12:
+        if sparsity is not None and (not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool)
+                                     or abs(sparsity - pat.sparsity) > 1e-12):
             raise ArgumentError(f"pattern {pat} fixes the sparsity at {pat.sparsity:g}; got sparsity={sparsity!r} "
                                 "(leave it out)")
         sparsity = pat.sparsity

@@ -591,16 +591,23 @@ def prune_structured(model: nn.Module, loss_fn: Any = None, data: Any = None, *,
     x = _first_inputs(data)
     masked_out = None
     if x is not None:
+        # the check runs in eval mode: in train mode dropout would differ between the two forwards
+        # and BatchNorm would fold the check batch into the returned model's running statistics
         with torch.no_grad():
-            masked_out = zero_groups(copy.deepcopy(model), sets, removed)(x)
+            masked_out = zero_groups(copy.deepcopy(model), sets, removed).eval()(x)
     apply_structure(model, structure)
     if masked_out is not None:
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
         with torch.no_grad():
             try:
                 out = model(x)
             except RuntimeError as e:
                 raise ModelError(f"the pruned model does not run ({e}); its forward must take sizes from the "
                                  "layers (e.g. a head width qkv.out_features // (3 * heads)), not constants") from e
+            finally:
+                for m, t in modes.items():
+                    m.training = t
         scale = masked_out.abs().max().clamp_min(1.0)
         tol = 1e-4 if masked_out.dtype in (torch.float32, torch.float64) else 1e-2
         if out.shape != masked_out.shape or (out - masked_out).abs().max() > tol * scale:
