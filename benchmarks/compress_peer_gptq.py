@@ -77,25 +77,6 @@ def heldout_loss(model, held) -> float:
     return tot / len(held)
 
 
-def _full_range():
-    from curvkit.compress import UniformQuantizer
-
-    class FullRange(UniformQuantizer):
-        """compressed-tensors' symmetric grid: scale = max|w| / ((qmax - qmin) / 2), so the level -2^(b-1)
-        is used too (curvkit's default divides by qmax = 2^(b-1) - 1 and keeps the grid symmetric)."""
-
-        def _grid(self, lo, hi, g, out):
-            grid = super()._grid(lo, hi, g, out)
-            return type(grid)(grid.scale * grid.qmax / ((grid.qmax - grid.qmin) / 2), grid.zero, grid.group_size,
-                              grid.qmin, grid.qmax)
-
-    return FullRange
-
-
-def _FullRange(bits):
-    return _full_range()(bits)
-
-
 def _char_tokenizer():
     """The byte-level character tokenizer of the char-LM text (oneshot wants a processor object even
     when it is handed token ids; it does not use it then)."""
@@ -117,10 +98,11 @@ def child(tool: str, bits: int, device: str, quick: bool, steps: int) -> dict:
     t0 = time.perf_counter()  # llmcompressor: from the saved checkpoint's load to the end of oneshot
     if tool.startswith("curvkit"):
         from curvkit import compress
+        from curvkit.compress import UniformQuantizer
 
         res = compress.quantize(model, None if tool == "curvkit-rtn" else list(calib.split(32)), bits=bits,
                                 method="rtn" if tool == "curvkit-rtn" else "gptq", act_order=True, damping=0.01,
-                                quantizer=_FullRange(bits) if tool == "curvkit-fullrange" else None,
+                                quantizer=UniformQuantizer(bits, full_range=False) if tool == "curvkit-maxgrid" else None,
                                 params=r"layers\.\d+\.(self_attn|mlp)\.", inplace=True)
         model = res.model
     else:
@@ -167,7 +149,7 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args.child[0], int(args.child[1]), args.device, args.quick, steps)))
         return
     rows = []
-    for tool, bits in [("dense", 16)] + [(t, b) for b in (4, 3) for t in ("curvkit-rtn", "curvkit", "curvkit-fullrange",
+    for tool, bits in [("dense", 16)] + [(t, b) for b in (4, 3) for t in ("curvkit-rtn", "curvkit", "curvkit-maxgrid",
                                                               "llmcompressor")]:
         cmd = [sys.executable, __file__, "--child", tool, str(bits), "--device", args.device, "--steps", str(steps)]
         cmd += ["--quick"] if args.quick else []

@@ -51,9 +51,13 @@ class UniformQuantizer:
     matrix view) or per tensor, optionally per group of ``group_size`` columns within a row.
 
     ``symmetric=True`` (the default) has zero point 0 and the levels
-    ``{-2^(b-1), ..., 2^(b-1)-1} * scale`` with ``scale = max|w| / (2^(b-1) - 1)``, so the largest
-    weight of a row is on the grid; ``symmetric=False`` maps ``[min, max]`` onto ``{0, ..., 2^b-1}``.
-    A row of zeros gets a tiny scale and stays zero.
+    ``{-2^(b-1), ..., 2^(b-1)-1} * scale``. With ``full_range=True`` (the default, GPTQ's and
+    llm-compressor's grid) ``scale = 2 max|w| / (2^b - 1)``: all ``2^b`` levels span
+    ``[-max, max]`` and the largest positive weight is clipped by half a step; with
+    ``full_range=False``, ``scale = max|w| / (2^(b-1) - 1)`` puts ``max|w|`` on the grid and leaves
+    the lowest level unused (a coarser step: on the char-LM GPTQ at 4 bits loses 0.001 nats/char
+    more). ``symmetric=False`` maps ``[min, max]`` onto ``{0, ..., 2^b-1}``. A row of zeros gets a
+    tiny scale and stays zero.
 
     Cost: elementwise, one pass over the weight for ``fit`` and one for ``quantize``.
 
@@ -62,12 +66,15 @@ class UniformQuantizer:
         >>> from curvkit.compress import UniformQuantizer
         >>> q = UniformQuantizer(4)
         >>> W = torch.tensor([[0.7, -0.1, 0.35]])
-        >>> [round(v, 4) for v in q.quantize(W, q.fit(W))[0].tolist()]  # grid step 0.7 / 7
+        >>> [round(v, 4) for v in q.quantize(W, q.fit(W))[0].tolist()]  # grid step 0.7 / 7.5
+        [0.6533, -0.0933, 0.3733]
+        >>> q = UniformQuantizer(4, full_range=False)                 # grid step 0.7 / 7
+        >>> [round(v, 4) for v in q.quantize(W, q.fit(W))[0].tolist()]
         [0.7, -0.1, 0.4]
     """
 
     def __init__(self, bits: int, *, symmetric: bool = True, per_channel: bool = True,
-                 group_size: int | None = None) -> None:
+                 group_size: int | None = None, full_range: bool = True) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
             raise ArgumentError(f"bits must be an integer from 2 to 16, got {bits!r}; one bit has no symmetric "
                                 "grid (use bits=2 or more)")
@@ -77,10 +84,11 @@ class UniformQuantizer:
         if group_size is not None and not per_channel:
             raise ArgumentError("group_size groups columns within a row: use it with per_channel=True")
         self.bits, self.symmetric, self.per_channel, self.group_size = bits, symmetric, per_channel, group_size
+        self.full_range = full_range
 
     def __repr__(self) -> str:
         return (f"UniformQuantizer({self.bits}, symmetric={self.symmetric}, per_channel={self.per_channel}, "
-                f"group_size={self.group_size})")
+                f"group_size={self.group_size}, full_range={self.full_range})")
 
     def _levels(self) -> tuple[int, int]:
         if self.symmetric:
@@ -113,7 +121,7 @@ class UniformQuantizer:
         qmin, qmax = self._levels()
         tiny = torch.finfo(lo.dtype).tiny ** 0.5
         if self.symmetric:
-            scale = torch.maximum(hi.abs(), lo.abs()) / qmax
+            scale = torch.maximum(hi.abs(), lo.abs()) / (qmax + 0.5 if self.full_range else qmax)
             zero = torch.zeros_like(scale)
         else:
             lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # keep 0 exactly on the grid (pruned weights stay 0)
