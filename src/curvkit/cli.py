@@ -137,6 +137,65 @@ def influence(
                    seed, out, threads, quiet, fast, debug)
 
 
+COMPRESS_EXAMPLES = """\b
+Examples:
+  curvkit compress                                  # the default: HAWQ bits for the digits CNN at uniform-4-bit size
+  curvkit compress --method hawq --bits 2,4,8 --size-budget 3kB --out plan/
+  curvkit compress --method obs --sparsity 0.7                  # SparseGPT/OBS pruning, weights updated
+  curvkit compress --method obs --pattern 2:4
+  curvkit compress --method oba --pattern channel --sparsity 0.25   # a smaller architecture
+  curvkit compress --method gptq --bits 4 --group-size 32 --format pt
+  curvkit compress --model mypkg.models:build --data mypkg.data:calib --heldout mypkg.data:val \\
+                   --checkpoint model.pt --method gptq --bits 3
+\b
+--model, --data, --loss and --checkpoint as for `curvkit analyze`; --data is the calibration data
+(sensitivities, layer Hessians), --heldout what the result is measured on (default: the held-out
+split of the default problem, else --data). Methods: hawq (mixed-precision bits: a plan, its Pareto
+frontier and pareto.png), magnitude | obs | mfac | oba (pruning; oba needs a structured --pattern),
+gptq | rtn (weight quantization). Writes compress.json, compress.md, a plot and, for pruning and
+quantization, the compressed state_dict (model.safetensors or model.pt, plus model.structure.json for a
+structured pattern: rebuild the architecture with curvkit.compress.PruneResult.rebuild or
+curvkit.compress.apply_structure). Bad input exits with code 2 and one line on stderr.
+"""
+
+
+@app.command(epilog=COMPRESS_EXAMPLES)
+def compress(
+    method: str = typer.Option("hawq", help="hawq | magnitude | obs | mfac | oba | gptq | rtn."),
+    model: Optional[str] = typer.Option(None, help="module:function returning an nn.Module (default: the embedded CNN on digits)."),
+    data: Optional[str] = typer.Option(None, help="module:function returning the calibration batches."),
+    heldout: Optional[str] = typer.Option(None, help="module:function returning the batches to measure on (default: --data)."),
+    loss: str = typer.Option("cross_entropy", help="cross_entropy | mse | bce (with logits) | module:function."),
+    checkpoint: Optional[Path] = typer.Option(None, help="state_dict to load into the model (torch.load, weights_only=True)."),
+    unsafe_pickle: bool = typer.Option(False, "--unsafe-pickle", help="Allow a checkpoint that needs full unpickling (only for files you trust)."),
+    params: Optional[str] = typer.Option(None, help="Regex: compress only the layers whose parameter names match."),
+    bits: str = typer.Option("", help="hawq: the widths to choose from (default 2,4,8); gptq/rtn: one width (default 4)."),
+    size_budget: Optional[str] = typer.Option(None, help="hawq: bytes (20000, 20kB, 1.5MB) or NBIT, the size of uniform N-bit weights (default: the median width)."),
+    loss_budget: Optional[float] = typer.Option(None, help="hawq: the predicted loss increase allowed instead of a size (smallest plan under it)."),
+    sparsity: Optional[float] = typer.Option(None, help="Pruning: the fraction removed, in [0, 1) (default 0.5; an n:m pattern fixes it)."),
+    pattern: str = typer.Option("unstructured", help="Pruning: unstructured | N:M (e.g. 2:4) | channel | neuron | head."),
+    scope: Optional[str] = typer.Option(None, help="Pruning: layer (each layer loses --sparsity) | global (over all layers)."),
+    group_size: Optional[int] = typer.Option(None, help="gptq/rtn: one scale per this many input columns (default: per row)."),
+    damping: str = typer.Option("auto", help="obs/gptq: auto (the smallest of 0.01, 0.1, ... x mean diag H that factors) or a number."),
+    batches: Optional[int] = typer.Option(None, help="Use at most this many batches of --data."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    dtype: str = typer.Option("float32", help="float32 | float64"),
+    checkpoint_format: str = typer.Option("safetensors", "--format", help="safetensors | pt: how the compressed state_dict is written."),
+    seed: int = typer.Option(0, help="Seed of the default's training and of every random choice."),
+    out: Path = typer.Option(Path("curvkit-compress"), help="Output folder."),
+    threads: int = typer.Option(0, help="CPU threads (0: torch's choice for --model; the embedded default uses 1)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary."),
+    fast: bool = typer.Option(False, "--fast", help="A smaller, quicker configuration of the default (for tests)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Compress a model with its curvature: HAWQ mixed-precision bits, OBS/M-FAC/OBA pruning or GPTQ
+    quantization; measured on held-out data, with the plan or the compressed checkpoint."""
+    with _one_line_errors(debug):
+        _compress(method, model, data, heldout, loss, checkpoint, unsafe_pickle, params, bits, size_budget,
+                  loss_budget, sparsity, pattern, scope, group_size, damping, batches, device, dtype,
+                  checkpoint_format, seed, out, threads, quiet, fast, debug)
+
+
 class _one_line_errors:
     """A CurvkitError becomes one line on stderr and exit code 2 (its traceback with ``--debug``)."""
 
@@ -373,6 +432,78 @@ def _influence(model_spec, data_spec, query_spec, loss_spec, checkpoint, unsafe_
         lines.append(f"{time.perf_counter() - t0:.1f}s in all; report written to {out}/ "
                      f"({', '.join(p.name for p in paths)})")
         typer.echo("\n".join(lines))
+
+
+def _compress(method, model_spec, data_spec, heldout_spec, loss_spec, checkpoint, unsafe_pickle, params, bits,
+              size_budget, loss_budget, sparsity, pattern, scope, group_size, damping, batches, device, dtype,
+              checkpoint_format, seed, out, threads, quiet, fast, debug) -> None:
+    import time
+
+    import torch
+
+    from .compress.report import BITS_METHODS, METHODS, compress_report
+
+    t0 = time.perf_counter()
+    warnings.formatwarning = lambda m, c, *a, **kw: f"curvkit: warning: {' '.join(str(m).split())}\n"
+    if method not in METHODS:
+        raise ArgumentError(f"--method must be one of {' | '.join(METHODS)}, got {method!r}")
+    if checkpoint_format not in ("safetensors", "pt"):
+        raise ArgumentError(f"--format must be safetensors or pt, got {checkpoint_format!r}")
+    try:
+        widths = tuple(int(b) for b in bits.replace(" ", "").split(",") if b) or ((2, 4, 8) if method in BITS_METHODS else (4,))
+    except ValueError:
+        raise ArgumentError(f"--bits must be integers separated by commas (e.g. 2,4,8), got {bits!r}") from None
+    if method not in BITS_METHODS and len(widths) != 1:
+        raise ArgumentError(f"--method {method} takes one width in --bits (e.g. --bits 4), got {bits!r}")
+    try:
+        damping_value: Any = damping if damping == "auto" else float(damping)
+    except ValueError:
+        raise ArgumentError(f"--damping must be auto or a number, got {damping!r}") from None
+    _check_device_dtype(device, dtype)
+    _check_user_specs(model_spec, data_spec, checkpoint, batches, "calibrate on")
+    if heldout_spec and not model_spec:
+        raise ArgumentError("--heldout needs --model and --data (the default brings its own held-out split)")
+    loss_fn = _loss(loss_spec, debug)
+    problem = _writable_problem(out)
+    if problem:
+        raise ArgumentError(problem)
+    show = None if not quiet else False
+    torch_dtype = getattr(torch, dtype)
+    if model_spec is None:
+        from .analyze import default
+
+        torch.set_num_threads(threads or 1)
+        d = default.build(seed=seed, fast=fast, batches=batches, progress=show)
+        model, loss_fn, calib, held, description = d.model, d.loss_fn, d.data, [d.heldout], d.description
+    else:
+        if threads:
+            torch.set_num_threads(threads)
+        model, calib, description = _user_problem(model_spec, data_spec, checkpoint, unsafe_pickle, batches, debug)
+        held = _data(heldout_spec, None, debug) if heldout_spec else calib
+        if not heldout_spec:
+            description += "; measured on --data (no --heldout given)"
+    model = model.to(device=device, dtype=torch_dtype)
+    calib = [_move(b, device, torch_dtype) for b in calib]
+    held = [_move(b, device, torch_dtype) for b in held]
+    report = compress_report(
+        model, loss_fn, calib, held, method=method, bits=widths, size_budget=size_budget, loss_budget=loss_budget,
+        sparsity=sparsity, pattern=pattern, scope=scope, group_size=group_size, damping=damping_value,
+        params=params, seed=seed, progress=show, description=description,
+        settings={"command": "curvkit " + " ".join(sys.argv[1:]), "fast": fast, "seed": seed, "device": device,
+                  "dtype": dtype})
+    try:
+        paths = report.save(out, checkpoint_format)
+    except OSError as e:
+        raise ArgumentError(f"--out {out}: cannot write there ({e.strerror or e})") from e
+    if not quiet:
+        b, a = report.before, report.after
+        acc = (lambda d: "" if d["accuracy"] is None else f", accuracy {d['accuracy']:.1%}")
+        typer.echo("\n".join([
+            description,
+            f"{method}: held-out loss {b['loss']:.4g}{acc(b)} -> {a['loss']:.4g}{acc(a)}; "
+            f"size {report.size_before:,} -> {report.size_after:,.0f} bytes",
+            f"{time.perf_counter() - t0:.1f}s in all; written to {out}/ ({', '.join(p.name for p in paths)})",
+        ]))
 
 
 def _writable_problem(out: Path) -> str | None:
