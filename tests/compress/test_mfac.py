@@ -130,14 +130,3 @@ def test_bad_input_is_refused_with_what_to_do():
     with pytest.raises(NonFiniteError):
         mfac_prune(model, layers(model), nn.CrossEntropyLoss(), (x * float("nan"), y), sparsity=0.3,
                    pattern="unstructured", **kw)
-
-
-def test_readme_section_runs():
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", text[text.index("## M-FAC"):], re.S).group(1)
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    assert sum(int((~m).sum()) for m in scope["masks"].values()) == 28  # half of the 56 weights, globally
