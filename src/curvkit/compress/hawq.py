@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from ..errors import ArgumentError, FallbackWarning, NonFiniteError
 from ..model import layers as find_layers
 from ..model.params import resolve_params
-from .quantizers import Quantizer, UniformQuantizer
+from .quantizers import Quantizer, UniformQuantizer, stored_bits
 from .sensitivity import Sensitivity, sensitivity as layer_sensitivities
 
 QUANTIZED_KINDS = ("linear", "conv2d", "embedding")
@@ -321,8 +321,7 @@ def allocate_bits(
         weights.append(layer.module.weight)
         rows.append({"name": layer.name, "kind": layer.kind, "shape": list(W.shape), "parameters": rec.parameters,
                      "mean_trace": mean, "trace": rec.trace, "trace_stderr": rec.trace_stderr, "choices": per})
-    quantized = {id(w) for w in weights}
-    fixed_bits = sum(p.numel() * p.element_size() * 8 for p in model.parameters() if id(p) not in quantized)
+    fixed_bits = stored_bits(model, {id(w): 0 for w in weights})
     O, S = np.array(omega, dtype=np.float64), np.array(size, dtype=np.int64)
     names = [layer.name for layer in targets]
     L, B = O.shape

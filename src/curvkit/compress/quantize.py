@@ -13,9 +13,9 @@ from torch import nn
 
 from ..errors import ArgumentError, DataError, ModelError
 from ..model.params import ParamSpec
-from .obs import gptq, rtn, weight_name
+from .obs import gptq, rtn
 from .prune import select_targets
-from .quantizers import Quantizer, UniformQuantizer
+from .quantizers import Quantizer, UniformQuantizer, stored_bits
 from .results import save_state_dict
 
 QUANT_METHODS = ("gptq", "rtn")
@@ -34,8 +34,8 @@ class QuantizeResult:
     bits: int
     method: str
     layers: list[dict] = field(default_factory=list)
-    size: int = 0
-    original_size: int = 0
+    size: float = 0.0
+    original_size: float = 0.0
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -46,15 +46,6 @@ class QuantizeResult:
         """The quantized model's ``state_dict`` at ``path`` (``.safetensors`` or ``torch.save``);
         it loads into the original architecture."""
         return save_state_dict(self.model.state_dict(), path)
-
-
-def _sizes(model: nn.Module, quantized: dict[str, tuple[int, int]], quantizer: Quantizer) -> tuple[int, int]:
-    size = original = 0
-    for name, p in model.named_parameters():
-        full = p.numel() * p.element_size()
-        original += full
-        size += quantizer.storage_bits(quantized[name]) // 8 if name in quantized else full
-    return size, original
 
 
 def quantize(model: nn.Module, data: Any = None, bits: int = 4, *, method: str = "gptq", params: ParamSpec = None,
@@ -112,8 +103,8 @@ def quantize(model: nn.Module, data: Any = None, bits: int = 4, *, method: str =
                      act_order=act_order, sequential=sequential, max_batch=max_batch, progress=progress)
     else:
         infos = rtn(targets, quantizer)
-    shapes = {weight_name(t): info["shape"] for t, info in zip(targets, infos)}
-    size, original = _sizes(work, shapes, quantizer)
+    codes = {id(t.module.weight): quantizer.storage_bits(info["shape"]) for t, info in zip(targets, infos)}
+    size, original = stored_bits(work, codes) / 8, stored_bits(work) / 8
     return QuantizeResult(work, int(quantizer.bits), method, infos, size, original, time.perf_counter() - t0)
 
 

@@ -11,11 +11,12 @@ earlier columns' errors have moved the later ones). Any object with ``bits``, ``
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ArgumentError, ShapeError
 
@@ -159,4 +160,15 @@ class UniformQuantizer:
         return out * cols * self.bits + grids * SCALE_BITS * (1 if self.symmetric else 2)
 
 
-__all__ = ["Quantizer", "QuantGrid", "UniformQuantizer", "SCALE_BITS"]
+def stored_bits(model: nn.Module, stored: Mapping[int, float] | None = None) -> float:
+    """Bits to store ``model``'s parameters (tied tensors once): a parameter ``p`` with ``id(p)`` in
+    ``stored`` at ``stored[id(p)]`` bits (a quantized weight's :meth:`~Quantizer.storage_bits`, a
+    sparse one's kept values and mask), every other densely at its dtype. The one size accounting of
+    ``quantize``, HAWQ's plans and ``curvkit compress``; bytes are this over 8, never rounded per
+    layer. Cost: one pass over the parameters' shapes."""
+    stored = stored or {}
+    seen = {id(p): p for p in model.parameters()}
+    return float(sum(stored[i] if i in stored else p.numel() * p.element_size() * 8 for i, p in seen.items()))
+
+
+__all__ = ["Quantizer", "QuantGrid", "UniformQuantizer", "SCALE_BITS", "stored_bits"]

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..errors import ArgumentError
 from ..model import Risk
 from ..plotting import pyplot
+from .quantizers import stored_bits
 
 BITS_METHODS = ("hawq",)
 PRUNE_METHODS = ("magnitude", "obs", "mfac", "oba")
@@ -44,8 +45,7 @@ def evaluate(model: nn.Module, loss_fn: Any, data: Any) -> dict:
 
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters (tied tensors once), at their dtypes."""
-    seen = {id(p): p for p in model.parameters()}
-    return sum(p.numel() * p.element_size() for p in seen.values())
+    return int(stored_bits(model)) // 8
 
 
 @dataclass
@@ -235,9 +235,6 @@ def _pruned_size(result: Any) -> float:
     plus one bit each of mask, everything else dense (a structured result is simply smaller)."""
     if result.structure:
         return float(parameter_bytes(result.model))
-    params = dict(result.model.named_parameters())
-    total = 0.0
-    for name, p in params.items():
-        mask = result.masks.get(name)
-        total += p.numel() * p.element_size() if mask is None else int(mask.sum()) * p.element_size() + mask.numel() / 8
-    return total
+    sparse = {id(p): int(mask.sum()) * p.element_size() * 8 + mask.numel()
+              for name, p in result.model.named_parameters() if (mask := result.masks.get(name)) is not None}
+    return stored_bits(result.model, sparse) / 8
