@@ -30,3 +30,4 @@ def test_pruned_size_counts_kept_weights_and_one_mask_bit_per_weight():
     res = compress.prune(net, data=torch.randn(32, 5), sparsity=0.5, method="magnitude")
     kept = sum(int(m.sum()) for m in res.masks.values())
     assert _pruned_size(res) == kept * 4 + (15 + 9) / 8 + 6 * 4
+

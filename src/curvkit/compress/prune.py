@@ -152,6 +152,8 @@ def prune(model: nn.Module, loss_fn: Any = None, data: Any = None, *, sparsity: 
     if scope not in (None, "layer", "global"):
         raise ArgumentError(f"scope must be 'layer', 'global' or None (the method's own), got {scope!r}")
     if pat.structured:
+        if params is not None and not inplace:  # the copy does not hold the caller's tensors: choose by name
+            params = [n for n, _ in resolve_params(model, params)]
         work = model if inplace else copy.deepcopy(model)
         from .structured import prune_structured
 
