@@ -153,7 +153,9 @@ def test_obs_beats_magnitude_and_predicts_its_own_error(pattern, sparsity):
     assert (Wp[~keep] == 0).all() and info["damping"] == 0.01
     Hd = H + 0.01 * H.diagonal().mean() * torch.eye(16, dtype=torch.float64)
     D = W - Wp
-    assert info["error"] == pytest.approx(float((D @ Hd * D).sum() / 2), rel=1e-9)  # the sweep's loss is exact
+    assert info["error_damped"] == pytest.approx(float((D @ Hd * D).sum() / 2), rel=1e-9)  # the sweep's sum is exact
+    assert info["error"] == pytest.approx(recon(W, Wp, X), rel=1e-9)  # what the layer outputs, computed directly
+    assert info["error"] < info["error_damped"]
     if pat.kind == "n:m":
         assert (keep.reshape(10, 4, 4).sum(-1) == 2).all()
         mag = torch.ones_like(keep).reshape(10, 4, 4).scatter_(
@@ -181,7 +183,8 @@ def test_gptq_beats_round_to_nearest(bits, group_size, act_order):
     W = torch.randn(12, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     q = UniformQuantizer(bits, group_size=group_size)
     Q, info = gptq_matrix(W, H, q, damping=0.0, block_size=7, act_order=act_order)
-    assert info["error"] == pytest.approx(recon(W, Q, X), rel=1e-9)  # the sweep's loss is exact
+    assert info["error"] == pytest.approx(recon(W, Q, X), rel=1e-9)
+    assert info["error_damped"] == pytest.approx(info["error"], rel=1e-9)  # no damping: the sweep's sum is exact
     assert recon(W, Q, X) < recon(W, q(W), X)
     Qa, _ = gptq_matrix(W, H, q, block_size=7, act_order=act_order)  # the default damping
     assert recon(W, Qa, X) < recon(W, q(W), X)
@@ -311,3 +314,28 @@ def test_quantize_refuses_bad_arguments():
         compress.quantize(net, None, bits=1, method="rtn")
     with pytest.raises(ArgumentError, match="unknown method"):
         compress.quantize(net, None, method="awq")
+
+
+def test_a_frozen_inference_model_is_compressed_by_default():
+    """requires_grad=False everywhere (a model loaded for inference): the data-only methods need no
+    gradients, so params=None still chooses every linear layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).requires_grad_(False)
+    x = torch.randn(64, 8)
+    q = compress.quantize(model, x, bits=3)
+    assert [row["name"] for row in q.layers] == ["0", "2"]
+    p = compress.prune(model, data=x, sparsity=0.5, method="obs")
+    assert p.sparsity == pytest.approx(0.5) and not torch.equal(p.model[0].weight, model[0].weight)
+
+
+def test_damping_scales_with_the_live_inputs_only():
+    """Dead inputs (always 0) must not set the damping's scale: with inputs ~1e-3, a mean over a
+    diagonal that includes the dead ones' unit entries would add ~1e3 times too much."""
+    from curvkit.compress.calibration import damped_cholesky
+
+    X = 1e-3 * correlated(100, 6, seed=7)
+    X[:, 4:] = 0  # two dead inputs
+    H = 2 / 100 * X.T @ X
+    d = damped_cholesky(H, 0.01, "layer")
+    live = H.diagonal()[:4].mean()
+    assert d.added == pytest.approx(float(0.01 * live), rel=1e-12)

@@ -275,8 +275,10 @@ def damped_cholesky(H: Tensor, damping: Any = "auto", name: str = "layer") -> Da
     H = H.clone()
     diag = H.diagonal()
     dead = diag == 0
+    # the scale of the damping: the live inputs' mean (dead ones, set to 1 below, would swamp
+    # inputs of small scale, e.g. ~1e-3, with a damping far larger than their own curvature)
+    mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
     H[dead, dead] = 1.0
-    mean = float(diag.mean())
     if mean <= 0:
         mean = 1.0
     lam = DAMPING_START if auto else float(damping)

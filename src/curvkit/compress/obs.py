@@ -54,11 +54,12 @@ def obs_prune_matrix(W: Tensor, H: Tensor, *, sparsity: float, pattern: Pattern,
     """SparseGPT on one matrix ``W (out, cols)`` with input second moment ``H (cols, cols)``.
 
     Returns the pruned and updated weights (float32 or better), the keep mask and the figures
-    ``damping``, ``damping_added``, ``condition``, ``error`` (the predicted increase of the
-    reconstruction loss ``E``, for the damped ``H``). Cost: ``O(out cols^2 + cols^3)``; memory a
-    few ``cols^2`` and ``out x block_size``.
+    ``damping``, ``damping_added``, ``condition``, ``error`` (see :func:`reconstruction_error`)
+    and ``error_damped`` (the sweep's own sum, for the damped ``H``: larger when damping is).
+    Cost: ``O(out cols^2 + cols^3)``; memory a few ``cols^2`` and ``out x block_size``.
     """
     W = _work(W)
+    W0 = W.clone()
     rows, cols = W.shape
     bs = _block(block_size, pattern)
     d = damped_cholesky(H.to(W.dtype), damping, name)
@@ -95,19 +96,29 @@ def obs_prune_matrix(W: Tensor, H: Tensor, *, sparsity: float, pattern: Pattern,
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     W[~keep] = 0
     return W, keep, {"damping": d.damping, "damping_added": d.added, "condition": d.condition,
-                     "error": float(loss.sum())}
+                     "error": reconstruction_error(W - W0, H), "error_damped": float(loss.sum())}
+
+
+def reconstruction_error(D: Tensor, H: Tensor) -> float:
+    """``1/2 tr(D H D^T)`` for the weight change ``D`` and the undamped ``H = 2/N X^T X``: the
+    mean over the calibration rows of ``||D x||^2``, the layer's output error, computed directly
+    rather than from the sweep (which sums it for the damped ``H``). Cost: one ``out x cols x
+    cols`` product."""
+    H = H.to(D.dtype)
+    return float(0.5 * ((D @ H) * D).sum())
 
 
 def gptq_matrix(W: Tensor, H: Tensor, quantizer: Quantizer, *, damping: Any = "auto", block_size: int = 128,
                 act_order: bool = False, name: str = "layer") -> tuple[Tensor, dict]:
     """GPTQ on one matrix ``W (out, cols)``: the quantized, error-compensated weights (float32
-    or better) and the figures ``damping``, ``damping_added``, ``condition``, ``error`` (the
-    predicted reconstruction loss ``E``, for the damped ``H``). Cost: ``O(out cols^2 + cols^3)``;
-    memory a few ``cols^2``."""
+    or better) and the figures ``damping``, ``damping_added``, ``condition``, ``error`` (see
+    :func:`reconstruction_error`) and ``error_damped`` (the sweep's sum, for the damped ``H``).
+    Cost: ``O(out cols^2 + cols^3)``; memory a few ``cols^2``."""
     W = _work(W)
+    W0 = W.clone()
     rows, cols = W.shape
     bs = _block(block_size)
-    H = H.to(W.dtype)
+    H = H0 = H.to(W.dtype)
     dead = H.diagonal() == 0
     W[:, dead] = 0
     group = getattr(quantizer, "group_size", None)
@@ -146,7 +157,9 @@ def gptq_matrix(W: Tensor, H: Tensor, quantizer: Quantizer, *, damping: Any = "a
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return Q, {"damping": d.damping, "damping_added": d.added, "condition": d.condition, "error": float(loss.sum())}
+    return Q, {"damping": d.damping, "damping_added": d.added, "condition": d.condition,
+               "error": reconstruction_error(Q - W0, H0),
+               "error_damped": float(loss.sum())}
 
 
 def check_pattern(targets: list[Layer], pattern: Pattern) -> None:
@@ -189,7 +202,7 @@ def obs_prune(model: nn.Module, targets: list[Layer], loss_fn: Any, data: Any, *
     layer loses ``sparsity`` of its weights (or follows the n:m pattern) and its kept weights get
     the OBS update. ``loss_fn`` and ``seed`` are not used (the method is deterministic and needs
     only the inputs). Returns the keep masks by weight name and per-layer figures (``damping``,
-    ``condition``, ``error``: the predicted reconstruction loss).
+    ``condition``, ``error``: the layer's output error on the calibration data, ``error_damped``).
 
     Cost: one forward of the first batch, then one pass over the calibration data per group of
     layers sharing an input (each forward stopped after that group; ``sequential=False``: one

@@ -23,10 +23,14 @@ METHODS = ("magnitude", "obs", "mfac", "oba")
 
 def select_targets(model: nn.Module, params: ParamSpec, names_from: nn.Module | None = None) -> list[Layer]:
     """The linear and conv2d layers of ``model`` whose weight ``params`` chooses (default: every
-    such layer; other kinds are skipped). A layer chosen explicitly that layer-wise compression
+    such layer, frozen or not; other kinds are skipped). A layer chosen explicitly that layer-wise compression
     cannot handle is a ModelError naming the supported kinds. ``names_from``: the model ``params``
     refers to when ``model`` is a copy of it (tensors and sub-modules are matched by name)."""
-    names = {n for n, _ in resolve_params(names_from if names_from is not None else model, params)}
+    source = names_from if names_from is not None else model
+    # params=None: every layer, frozen ones too (an inference model has requires_grad=False, and
+    # layer-wise compression needs no gradients)
+    names = ({n for n, _ in source.named_parameters()} if params is None
+             else {n for n, _ in resolve_params(source, params)})
     named = [(n, p) for n, p in model.named_parameters() if n in names]
     chosen = [t for t in layers(model, named) if t.weight]
     if params is None:
@@ -126,8 +130,10 @@ def prune(model: nn.Module, loss_fn: Any = None, data: Any = None, *, sparsity: 
 
     Returns a :class:`PruneResult`: pruned weights are stored zeros, so its
     ``model.state_dict()`` loads into the original architecture; ``masks`` and per-layer
-    ``layers`` (``kept``, ``total``, ``sparsity``; obs: ``damping``, ``condition``, ``error``, the
-    predicted reconstruction loss). ``sparsity`` is the one reached over the chosen layers.
+    ``layers`` (``kept``, ``total``, ``sparsity``; obs: ``damping``, ``condition``, ``error``: the
+    layer's output error ``1/2 tr(dW H dW^T)`` on the calibration data, computed directly, and
+    ``error_damped``: the sweep's sum for the damped ``H``). ``sparsity`` is the one reached over
+    the chosen layers.
 
     Cost: magnitude, a sort; obs, one pass over the data per group of layers sharing an input
     (forwards stopped after it) and ``O(out cols^2 + cols^3)`` per layer, memory ``cols^2`` per

@@ -26,7 +26,7 @@ class QuantizeResult:
     """The outcome of :func:`quantize`. ``model``: the fake-quantized model (weights on the grid,
     stored in the model's dtype; a copy unless ``inplace=True``). ``layers``: per layer ``name``,
     ``shape``, ``damping`` (the fraction of ``mean(diag H)`` added), ``damping_added``,
-    ``condition`` (of the damped ``H``), ``error`` (the predicted reconstruction loss) and
+    ``condition`` (of the damped ``H``), ``error`` (the layer's output error 1/2 tr(dW H dW^T) on the calibration data, computed directly; ``error_damped``: the sweep's sum for the damped H) and
     ``seconds`` (None for RTN). ``size``: bytes of the model's parameters with the quantized
     weights at their storage size (codes and scales), ``original_size`` before."""
 

@@ -5,6 +5,7 @@ plot. The command line is thin over :func:`compress_report`."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +104,7 @@ class CompressReport:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
-        (out / "compress.json").write_text(json.dumps(self.to_dict(), indent=1))
+        (out / "compress.json").write_text(json.dumps(_json_safe(self.to_dict()), indent=1, allow_nan=False))
         (out / "compress.md").write_text(self.to_markdown())
         paths += [out / "compress.json", out / "compress.md"]
         if self.kind == "bits":
@@ -113,6 +114,18 @@ class CompressReport:
             saved = self.result.save(out / ("model.safetensors" if checkpoint_format == "safetensors" else "model.pt"))
             paths += saved if isinstance(saved, list) else [saved]
         return paths
+
+
+def _json_safe(v: Any) -> Any:
+    """Standard JSON: a non-finite float (a singular layer's condition number) becomes the string
+    ``"inf"``/``"-inf"``/``"nan"`` rather than the non-standard ``Infinity``."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
 
 
 def _cell(v: Any) -> str:
@@ -132,7 +145,7 @@ def _layers_plot(rep: CompressReport, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(rows) + 2), 3.2))
     ax.bar(range(len(rows)), vals, color="tab:blue")
     ax.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("sparsity" if key == "sparsity" else "predicted reconstruction error")
+    ax.set_ylabel("sparsity" if key == "sparsity" else "output error on the calibration data")
     if key == "error":
         ax.set_yscale("log")
     ax.set_title(f"{rep.method}: per layer")
