@@ -56,17 +56,37 @@ def unsupported(layer: Layer) -> str | None:
     return None
 
 
+def matrix_view(module: nn.Module, transposed: bool = False) -> Tensor:
+    """A layer module's weight as its matrix ``(out, cols)``: rows are output channels (a conv
+    kernel ``(out, C*kh*kw)``; GPT-2's ``Conv1D`` transposed; an embedding's rows its tokens'
+    vectors). A view where possible, not a copy."""
+    w = module.weight
+    return w.T if transposed else w.reshape(w.shape[0], -1)
+
+
+def write_matrix(module: nn.Module, transposed: bool, M: Tensor) -> None:
+    """Write the matrix view ``M (out, cols)`` back into the module's weight, in place (its dtype)."""
+    w = module.weight
+    with torch.no_grad():
+        w.copy_((M.T if transposed else M.reshape(w.shape)).to(w.dtype))
+
+
+def fake_quantize(module: nn.Module, transposed: bool, quantizer: Any) -> None:
+    """Round the module's weight onto ``quantizer``'s grid, fitted on the whole matrix, in place
+    (round-to-nearest; a low-precision weight is rounded in float32)."""
+    W = matrix_view(module, transposed).detach()
+    Wf = W.to(torch.promote_types(W.dtype, torch.float32))
+    write_matrix(module, transposed, quantizer.quantize(Wf, quantizer.fit(Wf)))
+
+
 def weight_matrix(layer: Layer) -> Tensor:
-    """The layer's weight as its matrix view ``(out, cols)`` (a view where possible, not a copy)."""
-    w = layer.module.weight
-    return w.T if layer.transposed else w.reshape(w.shape[0], -1)
+    """The layer's weight as its matrix view ``(out, cols)`` (see :func:`matrix_view`)."""
+    return matrix_view(layer.module, layer.transposed)
 
 
 def set_weight_matrix(layer: Layer, M: Tensor) -> None:
     """Write the matrix view ``M (out, cols)`` back into the layer's weight, in place."""
-    w = layer.module.weight
-    with torch.no_grad():
-        w.copy_((M.T if layer.transposed else M.reshape(w.shape)).to(w.dtype))
+    write_matrix(layer.module, layer.transposed, M)
 
 
 def matrix_to_weight(layer: Layer, M: Tensor) -> Tensor:

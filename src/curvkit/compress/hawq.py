@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from ..errors import ArgumentError, FallbackWarning, NonFiniteError
 from ..model import layers as find_layers
 from ..model.params import resolve_params
+from .calibration import fake_quantize, matrix_view
 from .quantizers import Quantizer, UniformQuantizer, stored_bits
 from .sensitivity import Sensitivity, sensitivity as layer_sensitivities
 
@@ -54,19 +55,8 @@ QUANTIZED_KINDS = ("linear", "conv2d", "embedding")
 
 # ----------------------------------------------------------------------------------------------
 def weight_matrix(module: nn.Module, transposed: bool) -> Tensor:
-    """A layer's weight as the quantizer's matrix ``(out, cols)``: rows are output channels
-    (a conv kernel ``(out, C*kh*kw)``; GPT-2's ``Conv1D`` transposed; an embedding's rows are its
-    tokens' vectors)."""
-    w = module.weight.detach()
-    return w.T if transposed else w.reshape(w.shape[0], -1)
-
-
-def fake_quantize(module: nn.Module, transposed: bool, quantizer: Quantizer) -> None:
-    """Replace ``module.weight`` by its fake-quantized values in place (same shape and dtype)."""
-    W = weight_matrix(module, transposed)
-    Q = quantizer.quantize(W, quantizer.fit(W))
-    with torch.no_grad():
-        module.weight.copy_((Q.T if transposed else Q).reshape(module.weight.shape))
+    """A layer's weight as the quantizer's matrix ``(out, cols)``, detached."""
+    return matrix_view(module, transposed).detach()
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:

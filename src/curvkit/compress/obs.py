@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from ..errors import ArgumentError
 from ..model.layers import Layer
 from ..progress import progress as progress_bar
-from .calibration import calibrate, damped_cholesky, matrix_to_weight, set_weight_matrix, weight_matrix
+from .calibration import (calibrate, damped_cholesky, fake_quantize, matrix_to_weight, set_weight_matrix,
+                          weight_matrix)
 from .quantizers import Quantizer
 from .results import Pattern
 
@@ -248,8 +249,7 @@ def rtn(targets: list[Layer], quantizer: Quantizer) -> list[dict]:
     infos = []
     for layer in targets:
         W = weight_matrix(layer)
-        Wf = _work(W)
-        set_weight_matrix(layer, quantizer.quantize(Wf, quantizer.fit(Wf)))
+        fake_quantize(layer.module, layer.transposed, quantizer)
         infos.append({"name": layer.name, "shape": tuple(W.shape), "damping": None, "condition": None,
                       "error": None, "seconds": 0.0})
     return infos
