@@ -269,6 +269,22 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             raise
         staged.commit()
 
+    def _step_groups(self, closure: Callable[[], Any] | None) -> Any:
+        """A step whose update is ``self._prepare(group, new)`` per parameter group, under the
+        protocol of :meth:`_run_step` (``self._what`` names the curvature in a non-finite error).
+        Returns the closure's loss."""
+        loss = self._closure_loss(closure)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+        def prepare() -> Staged:
+            new = Staged()
+            for group in self.param_groups:
+                self._prepare(group, new)
+            return new
+
+        self._run_step(prepare, self._what, loss, grads)
+        return loss
+
     def _staged_state(self, p: Tensor, new: Staged) -> dict:
         """``p``'s state dict; for a parameter seen the first time a fresh one, which only the
         commit enters into ``self.state`` (a failed first step leaves no state behind)."""

@@ -175,14 +175,4 @@ class KronOptimizer(CurvkitOptimizer):
     def step(self, closure: Any = None) -> Any:
         """One update from ``p.grad``; ``closure`` (optional) re-evaluates the model, calls
         ``backward`` and returns the loss, as in torch."""
-        loss = self._closure_loss(closure)
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-
-        def prepare() -> Staged:
-            new = Staged()
-            for group in self.param_groups:
-                self._prepare(group, new)
-            return new
-
-        self._run_step(prepare, self._what, loss, grads)
-        return loss
+        return self._step_groups(closure)

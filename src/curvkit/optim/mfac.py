@@ -74,17 +74,7 @@ class MFAC(CurvkitOptimizer):
     def step(self, closure=None):
         """One M-FAC step from ``p.grad`` (``closure``: torch's convention, it calls ``backward``
         and returns the loss, which is returned)."""
-        loss = self._closure_loss(closure)
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-
-        def prepare() -> Staged:
-            new = Staged()
-            for group in self.param_groups:
-                self._prepare(group, new)
-            return new
-
-        self._run_step(prepare, self._what, loss, grads)
-        return loss
+        return self._step_groups(closure)
 
     def _prepare(self, group: dict, new: Staged) -> None:
         params = group["params"]
