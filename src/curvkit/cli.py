@@ -175,6 +175,7 @@ def compress(
     sparsity: Optional[float] = typer.Option(None, help="Pruning: the fraction removed, in [0, 1) (default 0.5; an n:m pattern fixes it)."),
     pattern: str = typer.Option("unstructured", help="Pruning: unstructured | N:M (e.g. 2:4) | channel | neuron | head."),
     scope: Optional[str] = typer.Option(None, help="Pruning: layer (each layer loses --sparsity) | global (over all layers)."),
+    steps: int = typer.Option(1, help="Structured pruning: remove the groups in this many rounds, re-scoring the rest each round (cost x steps)."),
     group_size: Optional[int] = typer.Option(None, help="gptq/rtn: one scale per this many input columns (default: per row)."),
     damping: str = typer.Option("auto", help="obs/gptq: auto (the smallest of 0.01, 0.1, ... x mean diag H that factors) or a number."),
     batches: Optional[int] = typer.Option(None, help="Use at most this many batches of --data."),
@@ -192,7 +193,7 @@ def compress(
     quantization; measured on held-out data, with the plan or the compressed checkpoint."""
     with _one_line_errors(debug):
         _compress(method, model, data, heldout, loss, checkpoint, unsafe_pickle, params, bits, size_budget,
-                  loss_budget, sparsity, pattern, scope, group_size, damping, batches, device, dtype,
+                  loss_budget, sparsity, pattern, scope, steps, group_size, damping, batches, device, dtype,
                   checkpoint_format, seed, out, threads, quiet, fast, debug)
 
 
@@ -435,7 +436,7 @@ def _influence(model_spec, data_spec, query_spec, loss_spec, checkpoint, unsafe_
 
 
 def _compress(method, model_spec, data_spec, heldout_spec, loss_spec, checkpoint, unsafe_pickle, params, bits,
-              size_budget, loss_budget, sparsity, pattern, scope, group_size, damping, batches, device, dtype,
+              size_budget, loss_budget, sparsity, pattern, scope, steps, group_size, damping, batches, device, dtype,
               checkpoint_format, seed, out, threads, quiet, fast, debug) -> None:
     import time
 
@@ -488,7 +489,7 @@ def _compress(method, model_spec, data_spec, heldout_spec, loss_spec, checkpoint
     report = compress_report(
         model, loss_fn, calib, held, method=method, bits=widths, size_budget=size_budget, loss_budget=loss_budget,
         sparsity=sparsity, pattern=pattern, scope=scope, group_size=group_size, damping=damping_value,
-        params=params, seed=seed, progress=show, description=description,
+        params=params, steps=steps, seed=seed, progress=show, description=description,
         settings={"command": "curvkit " + " ".join(sys.argv[1:]), "fast": fast, "seed": seed, "device": device,
                   "dtype": dtype})
     try:

@@ -88,8 +88,8 @@ def test_obs_2_4_checkpoint_loads_and_holds_the_pattern(user, tmp_path):
 
 def test_oba_channel_writes_a_structure_that_rebuilds_the_smaller_model(user, tmp_path):
     d, args = user
-    proc = _run(*args, "--method", "oba", "--pattern", "neuron", "--sparsity", "0.25", "--format", "pt",
-                "--out", str(tmp_path))
+    proc = _run(*args, "--method", "oba", "--pattern", "neuron", "--sparsity", "0.25", "--steps", "2",
+                "--format", "pt", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     structure = json.loads((tmp_path / "model.structure.json").read_text())
     model, batches = _fresh(d)
@@ -99,6 +99,7 @@ def test_oba_channel_writes_a_structure_that_rebuilds_the_smaller_model(user, tm
     doc = json.loads((tmp_path / "compress.json").read_text())
     x, y = batches[0]
     assert torch.isfinite(small(x)).all() and doc["size_after"] < doc["size_before"]
+    assert [len(row["removed_per_round"]) for row in doc["result"]["layers"]] == [2, 2]  # --steps 2 reached it
 
 
 def test_gptq_weights_are_on_a_3_bit_grid_and_loss_is_measured(user, tmp_path):
@@ -126,6 +127,9 @@ def test_gptq_weights_are_on_a_3_bit_grid_and_loss_is_measured(user, tmp_path):
     (["--size-budget", "10"], "smallest"),
     (["--method", "obs", "--sparsity", "1.5"], "sparsity"),
     (["--method", "oba"], "structured"),
+    (["--method", "obs", "--steps", "2"], "steps=2"),
+    (["--method", "gptq", "--steps", "2"], "steps"),
+    (["--method", "oba", "--pattern", "neuron", "--steps", "0"], "steps must be a positive int"),
     (["--heldout", "x.py:y"], "--heldout needs --model"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(user, tmp_path, argv, message):

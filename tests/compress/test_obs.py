@@ -264,9 +264,9 @@ def test_prune_dispatches_mfac_and_structured_lazily(monkeypatch):
         calls["mfac"] = (sparsity, str(pattern), window, [t.name for t in targets])
         return {}, [{"name": t.name, "shape": (1, 1), "kept": 1, "total": 2, "sparsity": 0.5} for t in targets]
 
-    def prune_structured(model, loss_fn, data, *, sparsity, pattern, method, params, seed, progress, max_batch,
-                         max_matvecs):
-        calls["structured"] = (sparsity, str(pattern), method, max_matvecs)
+    def prune_structured(model, loss_fn, data, *, sparsity, pattern, method, params, scope, curvature, steps, seed,
+                         progress, max_batch, max_matvecs, inplace):
+        calls["structured"] = (sparsity, str(pattern), method, max_matvecs, scope, curvature, steps, inplace)
         return compress.PruneResult(model, method, str(pattern), sparsity)
 
     monkeypatch.setitem(sys.modules, "curvkit.compress.mfac", types.SimpleNamespace(mfac_prune=mfac_prune))
@@ -277,8 +277,9 @@ def test_prune_dispatches_mfac_and_structured_lazily(monkeypatch):
     res = compress.prune(net, nn.CrossEntropyLoss(), data, sparsity=0.3, method="mfac", window=16)
     assert calls["mfac"] == (0.3, "unstructured", 16, ["0", "2", "4"]) and res.sparsity == 0.5
     res = compress.prune(net, nn.CrossEntropyLoss(), data, sparsity=0.25, method="oba", pattern="channel",
-                         max_matvecs=7)
-    assert calls["structured"] == (0.25, "channel", "oba", 7) and res.model is not net
+                         max_matvecs=7, steps=3, scope="global", curvature="ggn")
+    # the copy is made once, in prune(): the structured pruner works on it in place
+    assert calls["structured"] == (0.25, "channel", "oba", 7, "global", "ggn", 3, True) and res.model is not net
     with pytest.raises(ArgumentError, match="global"):
         compress.prune(net, nn.CrossEntropyLoss(), data, sparsity=0.3, method="mfac", scope="layer")
 

@@ -291,3 +291,104 @@ def test_the_output_check_leaves_a_train_mode_model_unchanged():
     assert res.model.training and bn.training
     assert torch.equal(bn.running_mean, stats[0][kept]) and torch.equal(bn.running_var, stats[1][kept])
     assert int(bn.num_batches_tracked) == 0
+
+
+# iterative pruning (steps) -------------------------------------------------------------------
+def _one_shot_reference(model, kind, batch, sparsity, method):
+    """What steps=1 did before it existed: score once, cut the lowest, shrink."""
+    from curvkit.compress.structured import magnitude_scores, select_groups
+
+    sets = find_groups(model, kind)
+    scores = (magnitude_scores(model, sets) if method == "magnitude"
+              else oba_scores(model, nn.CrossEntropyLoss(), batch, sets).scores)
+    removed = select_groups(scores, sets, sparsity)
+    return removed, apply_structure(copy.deepcopy(model), structure_of(model, sets, removed))
+
+
+@pytest.mark.parametrize("method", ["oba", "magnitude"])
+@pytest.mark.parametrize("case", ["cnn", "heads"])
+def test_one_step_is_the_one_shot_result(case, method):
+    build, kind, data = CASES[case]
+    model, batch = build(), data()
+    removed, small = _one_shot_reference(model, kind, batch, 0.5, method)
+    res = prune_structured(model, nn.CrossEntropyLoss(), batch, sparsity=0.5, pattern=kind, method=method, steps=1)
+    assert {layer["name"]: layer["removed"] for layer in res.layers} == removed
+    assert all(layer["removed_per_round"] == [len(layer["removed"])] for layer in res.layers)
+    torch.testing.assert_close(res.model(batch[0]), small(batch[0]), rtol=0, atol=0)
+
+
+def test_schedule_is_geometric_in_the_kept_fraction():
+    from curvkit.compress.structured import schedule
+
+    kept = [1 - f for f in schedule(0.75, 4)]
+    kept = torch.tensor([1.0] + kept, dtype=torch.float64)
+    torch.testing.assert_close(kept[1:] / kept[:-1],
+                               torch.full((4,), 0.25 ** 0.25, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert abs(kept[-1] - 0.25) < 1e-12 and schedule(0.3, 1) == [pytest.approx(0.3)]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_steps_reach_the_one_shot_group_counts(scope):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 12), nn.Tanh(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    batch = (torch.randn(24, 4, dtype=torch.float64), torch.randint(0, 3, (24,)))
+    for sparsity in (0.3, 0.75, 0.95):
+        one = prune_structured(model, nn.CrossEntropyLoss(), batch, sparsity=sparsity, scope=scope)
+        it = prune_structured(model, nn.CrossEntropyLoss(), batch, sparsity=sparsity, scope=scope, steps=4)
+        kept = lambda r: [layer["kept"] for layer in r.layers]  # noqa: E731
+        if scope == "layer":
+            assert kept(it) == kept(one)
+        else:
+            assert sum(kept(it)) == sum(kept(one))
+        assert all(len(layer["removed_per_round"]) == 4 for layer in it.layers)
+        assert all(sum(layer["removed_per_round"]) == layer["total"] - layer["kept"] for layer in it.layers)
+        # every round removes something at 75% per layer here: the rounds are real, not one cut
+        if scope == "layer" and sparsity == 0.75:
+            assert all(min(layer["removed_per_round"]) >= 1 for layer in it.layers)
+            assert it.layers[0]["matvecs"] > one.layers[0]["matvecs"]
+
+
+@pytest.mark.parametrize("case", ["cnn", "heads", "mlp"])
+def test_three_steps_rebuild_a_fresh_original(case, tmp_path):
+    import json
+
+    build, kind, data = CASES[case]
+    model, batch = build(), data()
+    res = prune_structured(model, nn.CrossEntropyLoss(), batch, sparsity=0.6, pattern=kind, steps=3)
+    paths = res.save(tmp_path / "pruned.pt")
+    fresh = build()
+    with torch.no_grad():  # other weights: only the structure and the checkpoint make it equal
+        for p in fresh.parameters():
+            p.normal_()
+    structure = json.loads(paths[1].read_text())
+    rebuilt = PruneResult(model=fresh, method="oba", pattern=kind, sparsity=res.sparsity,
+                          structure=structure).rebuild(fresh)
+    rebuilt.load_state_dict(torch.load(paths[0], weights_only=True), strict=True)
+    rebuilt.eval()
+    torch.testing.assert_close(rebuilt(batch[0]), res.model.eval()(batch[0]), rtol=0, atol=0)
+    # the shrunk model is the original with the removed groups zeroed (original unit indices)
+    sets = find_groups(model, kind)
+    masked = zero_groups(copy.deepcopy(model), sets, {layer["name"]: layer["removed"] for layer in res.layers})
+    torch.testing.assert_close(res.model(batch[0]), masked.eval()(batch[0]), rtol=0, atol=1e-12)
+
+
+def test_steps_keep_a_frozen_layer_frozen():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    model[0].requires_grad_(False)
+    batch = (torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64))
+    res = prune_structured(model, nn.MSELoss(), batch, sparsity=0.5, steps=2, params=["0.weight", "0.bias"])
+    assert not res.model[0].weight.requires_grad and res.model[2].weight.requires_grad
+
+
+def test_bad_steps():
+    model, batch = mlp(), CASES["mlp"][2]()
+    for bad in (0, -1, 2.0, True, "2"):
+        with pytest.raises(ArgumentError, match="steps must be a positive int"):
+            prune_structured(model, nn.CrossEntropyLoss(), batch, sparsity=0.5, steps=bad)
+    from curvkit import compress
+
+    with pytest.raises(ArgumentError, match="steps=2.*structured"):
+        compress.prune(model, data=batch[0], sparsity=0.5, method="magnitude", steps=2)
+    with pytest.raises(ArgumentError, match="curvature.*method='oba'"):
+        compress.prune(model, data=batch[0], sparsity=0.5, method="magnitude", curvature="ggn")

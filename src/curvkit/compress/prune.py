@@ -105,8 +105,8 @@ def _sparsity(sparsity: Any, pattern: Pattern) -> float:
 def prune(model: nn.Module, loss_fn: Any = None, data: Any = None, *, sparsity: float | None = None,
           method: str = "obs", pattern: str | Pattern = "unstructured", scope: str | None = None,
           params: ParamSpec = None, damping: Any = "auto", block_size: int = 128, window: int = 64,
-          max_batch: int | None = None, max_matvecs: int | None = None, inplace: bool = False, seed: Any = 0,
-          progress: bool | None = None) -> PruneResult:
+          max_batch: int | None = None, max_matvecs: int | None = None, steps: int = 1, curvature: str = "hessian",
+          inplace: bool = False, seed: Any = 0, progress: bool | None = None) -> PruneResult:
     r"""Prune ``model``'s linear and conv2d layers (a copy unless ``inplace=True``).
 
     Methods:
@@ -118,7 +118,12 @@ def prune(model: nn.Module, loss_fn: Any = None, data: Any = None, *, sparsity: 
         the Cholesky factor exists, reported per layer with the condition number) or a float.
       - ``"mfac"``: global OBS with M-FAC's sliding-window empirical Fisher (``window`` gradients;
         needs ``loss_fn`` and ``data``).
-      - ``"oba"``: Optimal Brain Apoptosis, structured patterns only.
+      - ``"oba"``: Optimal Brain Apoptosis, structured patterns only (``curvature`` "hessian" or
+        "ggn").
+
+    ``steps``: structured patterns only, the rounds of pruning, each re-scoring the groups left
+    on the model the rounds before shrank (a geometric schedule of the kept fraction; ``steps``
+    times the scoring cost; see :func:`~curvkit.compress.structured.prune_structured`).
 
     ``pattern``: ``"unstructured"``, ``"n:m"`` (keep ``n`` of every ``m`` consecutive inputs of a
     row; ``sparsity`` may be left out), or ``"channel"``/``"neuron"``/``"head"`` (structured: a
@@ -157,6 +162,9 @@ def prune(model: nn.Module, loss_fn: Any = None, data: Any = None, *, sparsity: 
         raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if scope not in (None, "layer", "global"):
         raise ArgumentError(f"scope must be 'layer', 'global' or None (the method's own), got {scope!r}")
+    if curvature != "hessian" and method != "oba":
+        raise ArgumentError(f"curvature={curvature!r} is an option of method='oba' (its Taylor model); "
+                            f"method={method!r} does not use it")
     if pat.structured:
         if params is not None and not inplace:  # the copy does not hold the caller's tensors: choose by name
             params = [n for n, _ in resolve_params(model, params)]
@@ -164,9 +172,13 @@ def prune(model: nn.Module, loss_fn: Any = None, data: Any = None, *, sparsity: 
         from .structured import prune_structured
 
         res = prune_structured(work, loss_fn, data, sparsity=sp, pattern=pat, method=method, params=params,
-                               seed=seed, progress=progress, max_batch=max_batch, max_matvecs=max_matvecs)
+                               scope=scope, curvature=curvature, steps=steps, seed=seed, progress=progress,
+                               max_batch=max_batch, max_matvecs=max_matvecs, inplace=True)
         res.seconds = time.perf_counter() - t0
         return res
+    if isinstance(steps, bool) or steps != 1:
+        raise ArgumentError(f"steps={steps!r} (iterative pruning) is for the structured patterns (channel, neuron, "
+                            "head); leave steps=1 for unstructured and n:m sparsity")
     if method == "oba":
         raise ArgumentError("method='oba' scores structured groups; use pattern='channel', 'neuron' or 'head' "
                             "(or method='obs' for unstructured and n:m sparsity)")

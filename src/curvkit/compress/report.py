@@ -191,7 +191,8 @@ def uniform_size(plan: Any, b: int) -> float:
 def compress_report(model: nn.Module, loss_fn: Any, data: Any, heldout: Any, *, method: str = "hawq",
                     bits: tuple[int, ...] = (2, 4, 8), size_budget: Any = None, loss_budget: float | None = None,
                     sparsity: float | None = None, pattern: str = "unstructured", scope: str | None = None,
-                    group_size: int | None = None, damping: Any = "auto", params: Any = None, seed: int = 0,
+                    group_size: int | None = None, damping: Any = "auto", params: Any = None, steps: int = 1,
+                    seed: int = 0,
                     progress: bool | None = None, description: str = "", settings: dict | None = None) -> CompressReport:
     """Compress ``model`` with ``method`` and measure it on ``heldout``; the model is not changed.
 
@@ -199,7 +200,7 @@ def compress_report(model: nn.Module, loss_fn: Any, data: Any, heldout: Any, *, 
     (bytes, or ``"<N>bit"``: the size of uniform N-bit weights; default the median width) or
     ``loss_budget``, every frontier point measured on ``heldout``. ``"magnitude" | "obs" | "mfac" |
     "oba"``: :func:`~curvkit.compress.prune` at ``sparsity`` (default 0.5, or what an n:m pattern
-    fixes). ``"gptq" | "rtn"``: :func:`~curvkit.compress.quantize` at ``bits[0]`` bits.
+    fixes; ``steps`` rounds for a structured pattern). ``"gptq" | "rtn"``: :func:`~curvkit.compress.quantize` at ``bits[0]`` bits.
 
     Cost: the method's (see each function) plus a forward pass over ``heldout`` before and after
     (and one per frontier point for hawq).
@@ -210,6 +211,8 @@ def compress_report(model: nn.Module, loss_fn: Any, data: Any, heldout: Any, *, 
 
     if method not in METHODS:
         raise ArgumentError(f"unknown method {method!r}; use one of {' | '.join(METHODS)}")
+    if method not in PRUNE_METHODS and steps != 1:
+        raise ArgumentError(f"steps (rounds of structured pruning) is for the pruning methods, not {method!r}")
     t0 = time.perf_counter()
     before = evaluate(model, loss_fn, heldout)
     size_before = parameter_bytes(model)
@@ -230,8 +233,8 @@ def compress_report(model: nn.Module, loss_fn: Any, data: Any, heldout: Any, *, 
         kind, result, size_after = "bits", plan, plan.size
     elif method in PRUNE_METHODS:
         result = prune(model, loss_fn, data, sparsity=sparsity if sparsity is not None or ":" in pattern else 0.5,
-                       method=method, pattern=pattern, scope=scope, params=params, damping=damping, seed=seed,
-                       progress=progress)
+                       method=method, pattern=pattern, scope=scope, params=params, damping=damping, steps=steps,
+                       seed=seed, progress=progress)
         after = evaluate(result.model, loss_fn, heldout)
         kind, size_after = "prune", _pruned_size(result)
     else:

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ..errors import ArgumentError, ModelError
 from ..model.params import ParamSpec, resolve_params
+from ..seeding import generator
 from .results import PruneResult, parse_pattern
 
 KINDS = ("neuron", "channel", "head")
@@ -437,6 +438,9 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
                 new.weight.copy_(w)
             if b is not None:
                 new.bias.copy_(b)
+        for attr in ("weight", "bias"):  # a frozen layer stays frozen
+            if isinstance(getattr(new, attr, None), nn.Parameter):
+                getattr(new, attr).requires_grad_(getattr(mod, attr).requires_grad)
         new.train(mod.training)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
@@ -498,16 +502,23 @@ def magnitude_scores(model: nn.Module, sets: list[GroupSet]) -> list[Tensor]:
 def select_groups(scores: list[Tensor], sets: list[GroupSet], sparsity: float, scope: str = "layer") -> dict[str, list[int]]:
     """The units to remove (``{set name: unit indices}``) given per-set ``scores``: the lowest scores, ``round(sparsity * units)`` per set ("layer") or over all
     sets ("global"); at least one unit of every set is kept."""
-    removed: dict[str, list[int]] = {}
     if scope == "layer":
-        for s, sc in zip(sets, scores):
-            k = min(int(round(sparsity * s.units)), s.units - 1)
+        return _lowest(scores, sets, counts=[min(int(round(sparsity * s.units)), s.units - 1) for s in sets])
+    return _lowest(scores, sets, total=int(round(sparsity * sum(s.units for s in sets))))
+
+
+def _lowest(scores: list[Tensor], sets: list[GroupSet], counts: list[int] | None = None,
+            total: int | None = None) -> dict[str, list[int]]:
+    """The ``counts[i]`` lowest-scored units of each set, or the ``total`` lowest over all sets
+    (each set keeping at least one unit; fewer are removed when that binds)."""
+    removed: dict[str, list[int]] = {}
+    if counts is not None:
+        for s, sc, k in zip(sets, scores, counts):
             removed[s.name] = sorted(torch.argsort(sc, stable=True)[:k].tolist())
         return removed
     flat = torch.cat(scores)
     owner = torch.cat([torch.full((s.units,), i) for i, s in enumerate(sets)])
     unit = torch.cat([torch.arange(s.units) for s in sets])
-    total = int(round(sparsity * len(flat)))
     left = [s.units for s in sets]
     for j in torch.argsort(flat, stable=True).tolist():
         if total == 0:
@@ -518,6 +529,24 @@ def select_groups(scores: list[Tensor], sets: list[GroupSet], sparsity: float, s
             removed.setdefault(sets[i].name, []).append(int(unit[j]))
             total -= 1
     return {k: sorted(v) for k, v in removed.items()}
+
+
+def schedule(sparsity: float, steps: int) -> list[float]:
+    r"""The cumulative fraction of the groups removed after each of ``steps`` rounds: geometric in
+    the kept fraction, :math:`1 - (1 - s)^{r / \text{steps}}`, so every round removes the same
+    share of the groups still there (the rounds' perturbations are alike relative to the model
+    they are scored on, where a linear schedule would make the last round the largest)."""
+    return [1 - (1 - sparsity) ** (r / steps) for r in range(1, steps + 1)]
+
+
+def _same_sets(found: list[GroupSet], names: list[str]) -> list[GroupSet]:
+    """The sets of a shrunk model named ``names`` (a round of iterative pruning), in that order."""
+    by_name = {s.name: s for s in found}
+    missing = [n for n in names if n not in by_name]
+    if missing:  # the shrunk architecture must keep every group set: a bug if not
+        raise ModelError(f"after shrinking, the group sets {missing} are no longer found; prune in one round "
+                         "(steps=1) and report this model")
+    return [by_name[n] for n in names]
 
 
 def _first_inputs(data: Any):
@@ -532,8 +561,8 @@ def _first_inputs(data: Any):
 
 def prune_structured(model: nn.Module, loss_fn: Any = None, data: Any = None, *, sparsity: float,
                      pattern: Any = "neuron", method: str = "oba", params: ParamSpec = None,
-                     scope: str | None = "layer", curvature: str = "hessian", seed: Any = 0, progress: bool | None = None,
-                     max_batch: int | None = None, max_matvecs: int | None = None,
+                     scope: str | None = "layer", curvature: str = "hessian", steps: int = 1, seed: Any = 0,
+                     progress: bool | None = None, max_batch: int | None = None, max_matvecs: int | None = None,
                      inplace: bool = False) -> PruneResult:
     """Remove a fraction of the neuron, channel or head groups (see the module docstring) and
     shrink the model to the rest.
@@ -546,16 +575,29 @@ def prune_structured(model: nn.Module, loss_fn: Any = None, data: Any = None, *,
     loss from removing the group, :func:`curvkit.compress.oba.oba_scores`, with ``curvature``
     "hessian" or "ggn", exact or randomized under ``max_matvecs``).
 
+    ``steps``: the rounds in which the groups are removed. ``1``: one shot, every group scored once
+    on the given model. ``k > 1``: after round ``r`` a cumulative ``1 - (1 - sparsity)^(r/k)`` of
+    each layer's groups (of all groups, ``scope="global"``) is gone (:func:`schedule`: each round
+    removes the same share of what is left), and every round re-scores the remaining groups on the
+    model shrunk by the rounds before, so a score is a Taylor expansion about the model it is
+    applied to rather than about the dense one. The last round reaches exactly the one-shot counts
+    (per layer, or in total for ``"global"``); the returned ``structure`` is relative to the
+    original model, so :meth:`PruneResult.rebuild` still rebuilds a fresh original instance.
+
     Returns a :class:`PruneResult` whose ``model`` is the smaller model (a copy unless
     ``inplace=True``), ``structure`` what :func:`apply_structure` needs to rebuild it from a fresh
-    instance, and ``layers`` per group set its name, kind, shape, kept/total units, sparsity and
-    scores. When data is given, the smaller model's outputs on the first batch are checked against
-    the masked model's (ModelError if a forward hard-codes a pruned size).
+    instance, and ``layers`` per group set its name, kind, shape, kept/total units, sparsity,
+    the removed units (original indices), ``removed_per_round`` and ``score_removed`` (the sum of
+    the removed units' scores, each from the round that removed it). When data is given, the
+    smaller model's outputs on the first batch are checked against the masked model's
+    (ModelError if a forward hard-codes a pruned size).
 
-    Cost: "magnitude": no data (one forward for the check). "oba": one gradient pass, and
-    ``S`` Hessian-vector products (S = number of groups, in blocks of 32 probes) or ``max_matvecs``
-    of them when ``max_matvecs < S``. Memory: a copy of the model for the check; the model's
-    parameters times the probe block for the products.
+    Cost: ``steps`` times the scoring cost, on ever smaller models. "magnitude": no data (one
+    forward for the check). "oba": per round one gradient pass, and ``S`` Hessian-vector products
+    (S = number of groups still there, in blocks of 32 probes) or ``max_matvecs`` of them when
+    ``max_matvecs < S`` (the budget is per round). Memory: a copy of the model for the check (and,
+    for ``steps > 1``, one for the round's shrunk model); the model's parameters times the probe
+    block for the products.
     """
     t0 = time.perf_counter()
     pat = parse_pattern(pattern)
@@ -565,28 +607,67 @@ def prune_structured(model: nn.Module, loss_fn: Any = None, data: Any = None, *,
         raise ArgumentError(f"sparsity must be a fraction of the groups in [0, 1), got {sparsity!r}")
     if method not in ("magnitude", "oba"):
         raise ArgumentError(f"structured pruning methods are 'magnitude' and 'oba', got {method!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ArgumentError(f"steps must be a positive int (the rounds of pruning, each re-scoring the groups "
+                            f"left; 1 = one shot), got {steps!r}")
     scope = "layer" if scope is None else scope
     if scope not in ("layer", "global"):
         raise ArgumentError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if method == "oba" and (loss_fn is None or data is None):
+        raise ArgumentError("method='oba' needs loss_fn and data (the loss whose Taylor expansion scores the "
+                            "groups); method='magnitude' needs neither")
     if not inplace:
         model = copy.deepcopy(model)
     sets = find_groups(model, pat.kind, params)
-    extra: list[dict] = [{} for _ in sets]
-    if method == "magnitude":
-        scores = magnitude_scores(model, sets)
-    else:
-        if loss_fn is None or data is None:
-            raise ArgumentError("method='oba' needs loss_fn and data (the loss whose Taylor expansion scores the "
-                                "groups); method='magnitude' needs neither")
+    gen = None
+    if method == "oba":
         from .oba import oba_scores
 
-        res = oba_scores(model, loss_fn, data, sets, curvature=curvature, max_matvecs=max_matvecs, seed=seed,
-                         max_batch=max_batch, progress=progress)
-        scores = res.scores
-        for i, s in enumerate(sets):
-            extra[i] = {"exact": res.exact, "matvecs": res.matvecs,
-                        "stderr_max": float(res.stderr[i].max()) if res.stderr is not None else 0.0}
-    removed = select_groups(scores, sets, float(sparsity), scope)
+        gen = generator(seed)  # one stream over the rounds (steps=1: the stream oba_scores would draw)
+    units0 = {s.name: s.units for s in sets}
+    final = [min(int(round(sparsity * s.units)), s.units - 1) for s in sets]
+    final_total = int(round(sparsity * sum(units0.values())))
+    cumulative = schedule(float(sparsity), steps)
+    removed: dict[str, list[int]] = {s.name: [] for s in sets}
+    per_round: dict[str, list[int]] = {s.name: [] for s in sets}
+    score_removed = {s.name: 0.0 for s in sets}
+    extra: dict[str, dict] = {s.name: {} for s in sets}
+    for r in range(steps):
+        last = r == steps - 1
+        if r == 0:
+            cur, cur_sets = model, sets
+        else:  # the original shrunk by every round so far: the structure stays relative to the original
+            cur = apply_structure(copy.deepcopy(model), structure_of(model, sets, removed))
+            # the producers by their weights' names (a frozen layer's too): specs holding tensors or
+            # modules of the original do not resolve on the copy
+            cur_sets = _same_sets(find_groups(cur, pat.kind, [f"{s.name}.weight" for s in sets]),
+                                  [s.name for s in sets])
+        if method == "magnitude":
+            scores = magnitude_scores(cur, cur_sets)
+        else:
+            res = oba_scores(cur, loss_fn, data, cur_sets, curvature=curvature, max_matvecs=max_matvecs, seed=gen,
+                             max_batch=max_batch, progress=progress)
+            scores = res.scores
+            for i, s in enumerate(cur_sets):
+                e = extra[s.name]
+                e["exact"] = e.get("exact", True) and res.exact
+                e["matvecs"] = e.get("matvecs", 0) + res.matvecs
+                e["stderr_max"] = max(e.get("stderr_max", 0.0),
+                                      float(res.stderr[i].max()) if res.stderr is not None else 0.0)
+        if scope == "layer":
+            counts = [(k if last else min(k, int(round(cumulative[r] * units0[s.name])))) - len(removed[s.name])
+                      for s, k in zip(cur_sets, final)]
+            chosen = _lowest(scores, cur_sets, counts=counts)
+        else:
+            goal = final_total if last else int(round(cumulative[r] * sum(units0.values())))
+            chosen = _lowest(scores, cur_sets, total=max(0, goal - sum(len(v) for v in removed.values())))
+        for s, sc in zip(cur_sets, scores):
+            units = chosen.get(s.name, [])
+            alive = _complement(units0[s.name], set(removed[s.name]))  # current unit j = original alive[j]
+            removed[s.name] = sorted(removed[s.name] + [alive[u] for u in units])
+            per_round[s.name].append(len(units))
+            score_removed[s.name] += float(sc[units].sum()) if units else 0.0
+        del cur
     structure = structure_of(model, sets, removed)
     x = _first_inputs(data)
     masked_out = None
@@ -615,11 +696,12 @@ def prune_structured(model: nn.Module, loss_fn: Any = None, data: Any = None, *,
                              "that pruning changed (e.g. a head width computed from the residual width); compute it "
                              "from the layers' sizes")
     layers = []
-    for s, sc, ex in zip(sets, scores, extra):
-        r = removed.get(s.name, [])
+    for s in sets:
+        r = removed[s.name]
         layers.append({"name": s.name, "kind": s.kind, "shape": [s.units], "kept": s.units - len(r),
                        "total": s.units, "sparsity": len(r) / s.units, "removed": r,
-                       "score_removed": float(sc[r].sum()) if r else 0.0, **ex})
+                       "removed_per_round": per_round[s.name], "score_removed": score_removed[s.name],
+                       **extra[s.name]})
     total = sum(s.units for s in sets)
     return PruneResult(model=model, method=method, pattern=pat.kind,
                        sparsity=sum(len(v) for v in removed.values()) / total, layers=layers,
@@ -627,4 +709,4 @@ def prune_structured(model: nn.Module, loss_fn: Any = None, data: Any = None, *,
 
 
 __all__ = ["Cut", "GroupSet", "find_groups", "trace", "apply_structure", "structure_of", "zero_groups",
-           "group_indices", "magnitude_scores", "select_groups", "prune_structured", "KINDS"]
+           "group_indices", "magnitude_scores", "select_groups", "schedule", "prune_structured", "KINDS"]
