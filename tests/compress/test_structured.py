@@ -348,6 +348,12 @@ def test_steps_reach_the_one_shot_group_counts(scope):
             assert it.layers[0]["matvecs"] > one.layers[0]["matvecs"]
 
 
+def test_a_round_with_nothing_to_remove_is_not_scored():
+    build, kind, data = CASES["heads"]  # 2 heads, 1 to remove in 4 rounds: one round removes it
+    res = prune_structured(build(), nn.CrossEntropyLoss(), data(), sparsity=0.5, pattern=kind, steps=4)
+    assert res.layers[0]["removed_per_round"] == [0, 1, 0, 0] and res.layers[0]["matvecs"] == 2
+
+
 @pytest.mark.parametrize("case", ["cnn", "heads", "mlp"])
 def test_three_steps_rebuild_a_fresh_original(case, tmp_path):
     import json
