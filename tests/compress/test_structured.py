@@ -398,3 +398,13 @@ def test_bad_steps():
         compress.prune(model, data=batch[0], sparsity=0.5, method="magnitude", steps=2)
     with pytest.raises(ArgumentError, match="curvature.*method='oba'"):
         compress.prune(model, data=batch[0], sparsity=0.5, method="magnitude", curvature="ggn")
+
+
+def test_params_may_be_the_callers_tensors_or_modules():
+    from curvkit import compress
+
+    model, (x, y) = mlp(), CASES["mlp"][2]()
+    for spec in ([model[0].weight], model[0], "^0"):
+        for res in (prune_structured(model, sparsity=0.4, pattern="neuron", method="magnitude", params=spec),
+                    compress.prune(model, data=x, sparsity=0.4, pattern="neuron", method="magnitude", params=spec)):
+            assert [layer["name"] for layer in res.layers] == ["0"]

@@ -553,6 +553,8 @@ def _same_sets(found: list[GroupSet], names: list[str]) -> list[GroupSet]:
 def _first_inputs(data: Any):
     if data is None:
         return None
+    if isinstance(data, Tensor):  # inputs alone (what magnitude pruning may be given)
+        return data
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
         return data[0]
     for batch in data:
@@ -618,6 +620,8 @@ def prune_structured(model: nn.Module, loss_fn: Any = None, data: Any = None, *,
     if method == "oba" and (loss_fn is None or data is None):
         raise ArgumentError("method='oba' needs loss_fn and data (the loss whose Taylor expansion scores the "
                             "groups); method='magnitude' needs neither")
+    if params is not None:  # the caller's tensors or modules do not resolve on a copy: names do
+        params = [n for n, _ in resolve_params(model, params)]
     if not inplace:
         model = copy.deepcopy(model)
     sets = find_groups(model, pat.kind, params)
