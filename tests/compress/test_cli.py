@@ -142,3 +142,19 @@ def test_bad_input_is_one_line_and_exit_code_2(user, tmp_path, argv, message):
     assert result.exit_code == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("curvkit: error:") and message in lines[0], lines
+
+
+def test_a_frozen_model_is_compressed_and_measured(tmp_path):
+    """An inference model (requires_grad=False everywhere): the methods need no gradients and the
+    before/after evaluation takes every parameter, so nothing refuses it."""
+    from curvkit.compress.report import compress_report
+
+    ns: dict = {}
+    exec(USER, ns)
+    model, batches = ns["model"]().requires_grad_(False), ns["data"]()
+    rep = compress_report(model, torch.nn.CrossEntropyLoss(), batches, batches, method="gptq", bits=(3,),
+                          progress=False)
+    with torch.no_grad():
+        loss = sum(float(torch.nn.functional.cross_entropy(model(x), y)) * len(y) for x, y in batches) / 128
+    assert rep.before["loss"] == pytest.approx(loss, rel=1e-6) and rep.after["loss"] > 0
+    assert rep.before["accuracy"] is not None and rep.size_after < rep.size_before

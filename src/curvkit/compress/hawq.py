@@ -48,6 +48,7 @@ from ..model import layers as find_layers
 from ..model.params import resolve_params
 from .calibration import fake_quantize, matrix_view
 from .quantizers import Quantizer, UniformQuantizer, stored_bits
+from .results import evaluate
 from .sensitivity import Sensitivity, sensitivity as layer_sensitivities
 
 QUANTIZED_KINDS = ("linear", "conv2d", "embedding")
@@ -137,14 +138,16 @@ class BitPlan:
         many points evenly spread over the frontier, None = all) and ``base_loss`` (the model
         unquantized), each the mean loss over ``data`` of the fake-quantized copy (curvkit's data
         loop, eval mode). Returns self. Cost: one forward pass over ``data`` per point, plus two."""
-        self.base_loss = mean_loss(model, loss_fn, data, max_batch=max_batch)
+        self.base_loss = evaluate(model, loss_fn, data, max_batch=max_batch)["loss"]
         pts = self.frontier
         if max_points is not None and len(pts) > max_points:
             idx = np.unique(np.linspace(0, len(pts) - 1, max_points).round().astype(int))
             pts = [pts[i] for i in idx]
         for p in pts:
-            p.measured_loss = mean_loss(self.apply(model, bits=p.bits), loss_fn, data, max_batch=max_batch)
-        self.measured_loss = mean_loss(self.apply(model), loss_fn, data, max_batch=max_batch)
+            p.measured_loss = evaluate(self.apply(model, bits=p.bits), loss_fn, data, max_batch=max_batch,
+                                       what="loss of the quantized model")["loss"]
+        self.measured_loss = evaluate(self.apply(model), loss_fn, data, max_batch=max_batch,
+                                      what="loss of the quantized model")["loss"]
         return self
 
     def plot(self, path: str | Path) -> Path:
@@ -172,23 +175,6 @@ class BitPlan:
         return json.dumps(self.to_dict(), indent=indent)
 
 
-def mean_loss(model: nn.Module, loss_fn: Any, data: Any, *, max_batch: int | None = None) -> float:
-    """The mean loss of ``model`` over ``data``, batches weighted by their terms (curvkit's one data
-    loop, eval mode). Cost: one forward pass over ``data``."""
-    from ..model import Risk
-
-    risk = Risk(model, loss_fn, data, mode="eval", max_batch=max_batch)
-    f, p = risk.function(), risk.space.detached()
-
-    def batch(x: Any, y: Tensor, _: int):
-        with torch.no_grad():
-            out = f(p, x)
-            return [], risk.loss(out, y), risk.weight(out, y)
-
-    return float(risk.accumulate(batch, what="loss of the quantized model").loss)
-
-
-# ----------------------------------------------------------------------------------------------
 def allocate_bits(
     model: nn.Module,
     loss_fn: Any = None,
@@ -509,4 +495,4 @@ def _infeasible(size_budget, loss_budget, frontier, extra, S, O, fixed_bits, mil
 
 
 __all__ = ["allocate_bits", "BitPlan", "FrontierPoint", "pareto_frontier", "weight_matrix", "fake_quantize",
-           "mean_loss", "QUANTIZED_KINDS"]
+           "QUANTIZED_KINDS"]

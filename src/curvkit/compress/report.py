@@ -11,37 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..errors import ArgumentError
-from ..model import Risk
 from ..plotting import pyplot
 from .quantizers import stored_bits
+from .results import evaluate
 
 BITS_METHODS = ("hawq",)
 PRUNE_METHODS = ("magnitude", "obs", "mfac", "oba")
 QUANT_METHODS = ("gptq", "rtn")
 METHODS = BITS_METHODS + PRUNE_METHODS + QUANT_METHODS
-
-
-def evaluate(model: nn.Module, loss_fn: Any, data: Any) -> dict:
-    """Mean loss over ``data`` (batches weighted by their terms, curvkit's data loop) and, for
-    classification (integer targets, one score per class), the accuracy. Cost: one forward pass."""
-    risk = Risk(model, loss_fn, data, mode="eval")
-    f, p = risk.function(), risk.space.detached()
-    hits = [0, 0]
-
-    def batch(x: Any, y: Tensor, _: int):
-        with torch.no_grad():
-            out = f(p, x)
-            if isinstance(out, Tensor) and not y.is_floating_point() and out.shape[:-1] == y.shape:
-                hits[0] += int((out.argmax(-1) == y).sum())
-                hits[1] += y.numel()
-            return [], risk.loss(out, y), risk.weight(out, y)
-
-    loss = float(risk.accumulate(batch, what="held-out loss").loss)
-    return {"loss": loss, "accuracy": hits[0] / hits[1] if hits[1] else None}
 
 
 def parameter_bytes(model: nn.Module) -> int:

@@ -1,5 +1,5 @@
-"""What pruning returns, and the pieces every pruning method shares: the pattern names and the
-checkpoint writer."""
+"""What pruning returns, and the pieces every compression method shares: the pattern names, the
+checkpoint writer and the evaluation of a compressed model."""
 
 from __future__ import annotations
 
@@ -56,6 +56,30 @@ def parse_pattern(pattern: Any) -> Pattern:
             raise ArgumentError(f"pattern {pattern!r}: n:m needs 0 < n < m (n of every m weights are kept), "
                                 "e.g. '2:4'")
     raise ArgumentError(f"unknown pattern {pattern!r}; use one of {', '.join(PATTERNS)}")
+
+
+def evaluate(model: nn.Module, loss_fn: Any, data: Any, *, max_batch: int | None = None,
+             what: str = "the loss over the data") -> dict:
+    """Mean loss of ``model`` over ``data`` (batches weighted by their terms, eval mode: curvkit's
+    one data loop) and, for classification (integer targets, one score per class), the accuracy
+    (None otherwise). Every parameter takes part, frozen ones too (an inference model). Cost: one
+    forward pass over ``data``."""
+    from ..model import Risk
+
+    risk = Risk(model, loss_fn, data, [n for n, _ in model.named_parameters()], mode="eval", max_batch=max_batch)
+    f, p = risk.function(), risk.space.detached()
+    hits = [0, 0]
+
+    def batch(x: Any, y: Tensor, _: int):
+        with torch.no_grad():
+            out = f(p, x)
+            if isinstance(out, Tensor) and not y.is_floating_point() and out.shape[:-1] == y.shape:
+                hits[0] += int((out.argmax(-1) == y).sum())
+                hits[1] += y.numel()
+            return [], risk.loss(out, y), risk.weight(out, y)
+
+    loss = float(risk.accumulate(batch, what=what).loss)
+    return {"loss": loss, "accuracy": hits[0] / hits[1] if hits[1] else None}
 
 
 def save_state_dict(state: dict[str, Tensor], path: str | Path) -> Path:
@@ -134,4 +158,4 @@ class PruneResult:
         return out
 
 
-__all__ = ["Pattern", "parse_pattern", "PruneResult", "save_state_dict", "load_state_dict", "STRUCTURED", "PATTERNS"]
+__all__ = ["Pattern", "parse_pattern", "PruneResult", "evaluate", "save_state_dict", "load_state_dict", "STRUCTURED", "PATTERNS"]
