@@ -52,10 +52,6 @@ def random_plans(plan, budget: float, n: int, rng: np.random.Generator) -> list[
     return out
 
 
-def uniform_size(plan, b: int) -> float:
-    return plan.fixed_size + sum(layer["choices"][b]["size"] for layer in plan.layers)
-
-
 def run(name: str, seed: int, device: str, n_random: int, calib_batches: int, compare_report: bool) -> dict:
     t = trained(name, seed, device)
     model, loss_fn = t.model, t.loss_fn
@@ -69,8 +65,7 @@ def run(name: str, seed: int, device: str, n_random: int, calib_batches: int, co
     rng = np.random.default_rng(1000 + seed)
     rows = []
     for b in (3, 4):
-        ref = compress.allocate_bits(model, bits=BITS, size_budget=1e18, sensitivity=sens)
-        budget = uniform_size(ref, b)
+        budget = compress.allocate_bits(model, bits=BITS, size_budget=f"{b}bit", sensitivity=sens).budget["size_budget"]
         res = {"budget_bits": b, "size": budget}
         for method in ("v3", "v2"):
             t1 = time.perf_counter()

@@ -290,3 +290,17 @@ def test_no_quantizable_layer_names_the_supported_kinds():
     model = nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 3)).to(DT)
     with pytest.raises(ArgumentError, match="linear"):
         compress.allocate_bits(model, LOSS, batch(), size_budget=1e9, params="0")
+
+
+def test_a_uniform_width_budget_is_the_size_of_that_uniform_plan(sens):
+    model = mlp()
+    ref = compress.allocate_bits(model, bits=(2, 4, 8), size_budget=1e9, sensitivity=sens)
+    uniform4 = ref.fixed_size + sum(row["choices"][4]["size"] for row in ref.layers)
+    plan = compress.allocate_bits(model, bits=(2, 4, 8), size_budget="4bit", sensitivity=sens)
+    assert plan.budget["size_budget"] == uniform4 and plan.size <= uniform4
+    same = compress.allocate_bits(model, bits=(2, 4, 8), size_budget=uniform4, sensitivity=sens)
+    assert same.bits == plan.bits
+    with pytest.raises(ArgumentError, match="needs 3 among the bit widths"):
+        compress.allocate_bits(model, bits=(2, 4, 8), size_budget="3bit", sensitivity=sens)
+    with pytest.raises(ArgumentError, match="'<N>bit'"):
+        compress.allocate_bits(model, bits=(2, 4, 8), size_budget="lots", sensitivity=sens)

@@ -181,7 +181,7 @@ def allocate_bits(
     data: Any = None,
     bits: tuple[int, ...] | list[int] = (2, 4, 8),
     *,
-    size_budget: float | None = None,
+    size_budget: float | str | None = None,
     loss_budget: float | None = None,
     params: Any = None,
     sensitivity: Sensitivity | None = None,
@@ -198,8 +198,9 @@ def allocate_bits(
     progress: bool | None = None,
 ) -> BitPlan:
     r"""Choose each layer's weight bit width from ``bits`` to minimise HAWQ-V2's predicted loss
-    increase under ``size_budget`` (bytes), or the size under ``loss_budget`` (predicted loss
-    increase, omega / 2); exactly one of the two. See the module docstring for the objective.
+    increase under ``size_budget`` (bytes, or ``"<N>bit"``: the size of every quantized layer at
+    ``N`` bits, one of ``bits``), or the size under ``loss_budget`` (predicted loss increase,
+    omega / 2); exactly one of the two. See the module docstring for the objective.
 
     Args:
         params: the layers to quantize (curvkit's parameter spellings: names, a regex, a module);
@@ -233,7 +234,9 @@ def allocate_bits(
     if (size_budget is None) == (loss_budget is None):
         raise ArgumentError("give exactly one of size_budget= (bytes; minimise the predicted loss) or loss_budget= "
                             "(predicted loss increase; minimise the size)")
-    for nm, v in (("size_budget", size_budget), ("loss_budget", loss_budget), ("latency_budget", latency_budget),
+    uniform = _uniform_width(size_budget, choices) if isinstance(size_budget, str) else None
+    for nm, v in (("size_budget", None if uniform else size_budget), ("loss_budget", loss_budget),
+                  ("latency_budget", latency_budget),
                   ("bops_budget", bops_budget)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
             raise ArgumentError(f"{nm} must be a finite number >= 0, got {v!r}")
@@ -314,6 +317,8 @@ def allocate_bits(
         bops = np.array([[m * b * activation_bits for b in choices] for m in macs], dtype=np.float64)
         extra.append(("bops", bops, float(bops_budget)))
 
+    if uniform is not None:  # the bytes of uniform N-bit weights: this model's own sizes
+        size_budget = (fixed_bits + float(S[:, choices.index(uniform)].sum())) / 8
     frontier_idx = pareto_frontier(S, O)
     budget_bits = None if size_budget is None else size_budget * 8 - fixed_bits
 
@@ -380,6 +385,19 @@ def allocate_bits(
     return BitPlan(chosen.bits, chosen.size, chosen.omega, method, frontier, rows, fixed_bits / 8, choices, budget,
                    make_q, {layer.name: layer.transposed for layer in targets}, chosen.latency, chosen.bops,
                    sensitivity=sensitivity, warnings=log)
+
+
+def _uniform_width(size_budget: str, choices: tuple[int, ...]) -> int:
+    """``"<N>bit"`` -> N, which must be one of ``choices``."""
+    text = size_budget.strip().lower()
+    if not (text.endswith("bit") and text[:-3].isdigit()):
+        raise ArgumentError(f"size_budget must be a number of bytes or '<N>bit' (the size of uniform N-bit weights, "
+                            f"e.g. '4bit'), got {size_budget!r}")
+    b = int(text[:-3])
+    if b not in choices:
+        raise ArgumentError(f"size_budget={size_budget!r} is the size of uniform {b}-bit weights: it needs {b} among "
+                            f"the bit widths {list(choices)}")
+    return b
 
 
 def _check_bits(bits: Any) -> tuple[int, ...]:

@@ -161,13 +161,6 @@ def parse_size(text: Any) -> float | str:
     return value
 
 
-def uniform_size(plan: Any, b: int) -> float:
-    """Bytes of ``plan``'s model with every quantized layer at ``b`` bits (one of its choices)."""
-    if b not in plan.choices:
-        raise ArgumentError(f"a size of uniform {b}-bit needs {b} among the bit widths {list(plan.choices)}")
-    return plan.fixed_size + sum(row["choices"][b]["size"] for row in plan.layers)
-
-
 def compress_report(model: nn.Module, loss_fn: Any, data: Any, heldout: Any, *, method: str = "hawq",
                     bits: tuple[int, ...] = (2, 4, 8), size_budget: Any = None, loss_budget: float | None = None,
                     sparsity: float | None = None, pattern: str = "unstructured", scope: str | None = None,
@@ -200,14 +193,8 @@ def compress_report(model: nn.Module, loss_fn: Any, data: Any, heldout: Any, *, 
         if size_budget is None and loss_budget is None:
             size_budget = f"{sorted(bits)[len(bits) // 2]}bit"
         size_budget = None if size_budget is None else parse_size(size_budget)
-        if isinstance(size_budget, str):  # the size of uniform N-bit: the layers' sizes come with any plan
-            probe = allocate_bits(model, loss_fn, data, bits, size_budget=1e30, params=params, seed=seed,
-                                  progress=progress)
-            size_budget = uniform_size(probe, int(size_budget[:-3]))
-            plan = allocate_bits(model, bits=bits, size_budget=size_budget, params=params, sensitivity=probe.sensitivity)
-        else:
-            plan = allocate_bits(model, loss_fn, data, bits, size_budget=size_budget, loss_budget=loss_budget,
-                                 params=params, seed=seed, progress=progress)
+        plan = allocate_bits(model, loss_fn, data, bits, size_budget=size_budget, loss_budget=loss_budget,
+                             params=params, seed=seed, progress=progress)
         plan.measure(model, loss_fn, heldout)
         after = evaluate(plan.apply(model), loss_fn, heldout)
         kind, result, size_after = "bits", plan, plan.size
