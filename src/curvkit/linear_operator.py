@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -81,6 +82,22 @@ class LinearOperator:
             return ProductOperator(self, other)
         V = self._check_input(other, self.shape[1])
         return self._matmat(V[:, None])[:, 0] if V.dim() == 1 else self._matmat(V)
+
+    def retaining(self) -> contextlib.AbstractContextManager:
+        """A context in which products may keep work for the next product and free it at the exit
+        (the Hessian keeps each batch's gradient graph: :meth:`HessianOperator.retaining
+        <curvkit.operators.HessianOperator.retaining>`). Every algorithm of :mod:`curvkit.linalg`
+        that makes several products runs inside it; around several algorithms on one operator
+        (``with H.retaining(): ...``) the work is kept across them. Here: the operands' contexts
+        (a sum, a scaling, a product), else nothing."""
+        stack = contextlib.ExitStack()
+        for op in self._operands():
+            stack.enter_context(op.retaining())
+        return stack
+
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        """The operators this one multiplies by in each of its products (composites' parts)."""
+        return ()
 
     def rmatmat(self, V: Tensor) -> Tensor:
         """``A^T @ V`` for a vector ``(m,)`` or a block ``(m, k)``: the adjoint's product."""
@@ -199,6 +216,9 @@ class SumOperator(LinearOperator):
         self.is_symmetric = A.is_symmetric and B.is_symmetric
         self.exact_products = _both_exact(A, B)
 
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        return self.A, self.B
+
     def _matmat(self, V: Tensor) -> Tensor:
         return self.A @ V + self.B @ V
 
@@ -214,6 +234,9 @@ class ScaledOperator(LinearOperator):
         self.shape, self.dtype, self.device = A.shape, A.dtype, A.device
         self.is_symmetric = A.is_symmetric
         self.exact_products = A.exact_products
+
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        return (self.A,)
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.c * (self.A @ V)
@@ -235,6 +258,9 @@ class ProductOperator(LinearOperator):
         ident = isinstance(A, IdentityOperator) or isinstance(B, IdentityOperator)
         self.is_symmetric = (A.is_symmetric and B.is_symmetric and (A is B or ident)) or _congruence(A, B)
         self.exact_products = _both_exact(A, B)
+
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        return self.A, self.B
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.A @ (self.B @ V)
@@ -287,6 +313,9 @@ class AdjointOperator(LinearOperator):
         self.A = A
         self.shape, self.dtype, self.device = (A.shape[1], A.shape[0]), A.dtype, A.device
         self.is_symmetric = False
+
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        return (self.A,)
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.A.rmatmat(V)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from ..linear_operator import BlockDiagonalOperator, LinearOperator
 from ..seeding import generator
 
 __all__ = ["check_square", "check_symmetric", "generator", "rademacher", "gaussian", "work_dtype", "apply",
-           "operator_blocks"]
+           "operator_blocks", "retaining"]
 
 
 def check_square(A: Any) -> int:
@@ -104,3 +105,10 @@ def operator_blocks(A: Any, by: str) -> BlockDiagonalOperator:
         )
     return A.blocks(by)
 
+
+def retaining(A: Any) -> contextlib.AbstractContextManager:
+    """``A.retaining()`` where the operator has it, for the products of one run (a curvature
+    operator keeps each batch's work between them: the Hessian's gradient graphs), else nothing
+    (a plain tensor, a foreign operator)."""
+    enter = getattr(A, "retaining", None)
+    return enter() if callable(enter) else contextlib.nullcontext()

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..progress import progress as progress_bar
 from ..errors import ArgumentError, ConvergenceWarning, ShapeError
 from ..linear_operator import LinearOperator, same_device
-from ._util import apply, check_symmetric, work_dtype
+from ._util import apply, check_symmetric, retaining, work_dtype
 from .results import SolveResult
 
 
@@ -78,67 +78,68 @@ def solve(
     bnorm = B.norm(dim=0)
     bnorm_safe = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
     X = torch.zeros_like(B) if x0 is None else (x0[:, None] if vector else x0).to(wd).clone()
-    matvecs, steps = 0, 0
-    R = B.clone()
-    if x0 is not None:
-        R -= op(X)
-        matvecs += k
-    rel = R.norm(dim=0) / bnorm_safe
-    active = rel > tol  # columns still iterating
-    failed = torch.zeros_like(active)
-    P, rr = R.clone(), (R * R).sum(0)
-    bar = progress_bar(total=budget, desc="solve", enabled=progress)
-    try:
-        while active.any():
-            cols = active.nonzero()[:, 0]
-            if matvecs + 2 * len(cols) > budget:  # a step plus its verification must fit
-                break
-            AP = op(P[:, cols])
-            matvecs += len(cols)
-            steps += 1
-            bar.update(len(cols))
-            pap = (P[:, cols] * AP).sum(0)
-            bad = pap <= 0
-            if bad.any():
-                c = cols[bad]
-                curv = pap[bad] / (P[:, c] * P[:, c]).sum(0)
-                warnings.warn(
-                    f"solve: the matrix (A + damping I) is not positive definite: column(s) "
-                    f"{c.tolist()} met a direction with p^T A p / p^T p = {curv.tolist()} (+ damping "
-                    f"{damping:g}). CG stopped there; raise damping above -lambda_min",
-                    ConvergenceWarning,
-                    stacklevel=2,
-                )
-                failed[c] = True
-                active[c] = False
-                good = ~bad
-                cols, AP, pap = cols[good], AP[:, good], pap[good]
-                if len(cols) == 0:
-                    continue
-            alpha = rr[cols] / pap
-            X[:, cols] += P[:, cols] * alpha
-            R[:, cols] -= AP * alpha
-            rr_new = (R[:, cols] * R[:, cols]).sum(0)
-            done = rr_new.sqrt() / bnorm_safe[cols] <= tol
-            if done.any():  # confirm with the true residual: the recurrence drifts in low precision
-                c = cols[done]
-                R[:, c] = B[:, c] - op(X[:, c])
-                matvecs += len(c)
-                rr_true = (R[:, c] * R[:, c]).sum(0)
-                rr_new[done] = rr_true
-                truly = rr_true.sqrt() / bnorm_safe[c] <= tol
-                active[c[truly]] = False
-                P[:, c[~truly]] = R[:, c[~truly]]  # restart those columns from the true residual
-                redo = torch.zeros_like(done)
-                redo[done.nonzero()[:, 0][~truly]] = True
-            else:
-                redo = done
-            keep = ~redo
-            cols_k = cols[keep]
-            P[:, cols_k] = R[:, cols_k] + P[:, cols_k] * (rr_new[keep] / rr[cols_k])
-            rr[cols] = rr_new
-    finally:
-        bar.close()
+    with retaining(A):  # the products of one run may share work (the Hessian's gradient graphs)
+        matvecs, steps = 0, 0
+        R = B.clone()
+        if x0 is not None:
+            R -= op(X)
+            matvecs += k
+        rel = R.norm(dim=0) / bnorm_safe
+        active = rel > tol  # columns still iterating
+        failed = torch.zeros_like(active)
+        P, rr = R.clone(), (R * R).sum(0)
+        bar = progress_bar(total=budget, desc="solve", enabled=progress)
+        try:
+            while active.any():
+                cols = active.nonzero()[:, 0]
+                if matvecs + 2 * len(cols) > budget:  # a step plus its verification must fit
+                    break
+                AP = op(P[:, cols])
+                matvecs += len(cols)
+                steps += 1
+                bar.update(len(cols))
+                pap = (P[:, cols] * AP).sum(0)
+                bad = pap <= 0
+                if bad.any():
+                    c = cols[bad]
+                    curv = pap[bad] / (P[:, c] * P[:, c]).sum(0)
+                    warnings.warn(
+                        f"solve: the matrix (A + damping I) is not positive definite: column(s) "
+                        f"{c.tolist()} met a direction with p^T A p / p^T p = {curv.tolist()} (+ damping "
+                        f"{damping:g}). CG stopped there; raise damping above -lambda_min",
+                        ConvergenceWarning,
+                        stacklevel=2,
+                    )
+                    failed[c] = True
+                    active[c] = False
+                    good = ~bad
+                    cols, AP, pap = cols[good], AP[:, good], pap[good]
+                    if len(cols) == 0:
+                        continue
+                alpha = rr[cols] / pap
+                X[:, cols] += P[:, cols] * alpha
+                R[:, cols] -= AP * alpha
+                rr_new = (R[:, cols] * R[:, cols]).sum(0)
+                done = rr_new.sqrt() / bnorm_safe[cols] <= tol
+                if done.any():  # confirm with the true residual: the recurrence drifts in low precision
+                    c = cols[done]
+                    R[:, c] = B[:, c] - op(X[:, c])
+                    matvecs += len(c)
+                    rr_true = (R[:, c] * R[:, c]).sum(0)
+                    rr_new[done] = rr_true
+                    truly = rr_true.sqrt() / bnorm_safe[c] <= tol
+                    active[c[truly]] = False
+                    P[:, c[~truly]] = R[:, c[~truly]]  # restart those columns from the true residual
+                    redo = torch.zeros_like(done)
+                    redo[done.nonzero()[:, 0][~truly]] = True
+                else:
+                    redo = done
+                keep = ~redo
+                cols_k = cols[keep]
+                P[:, cols_k] = R[:, cols_k] + P[:, cols_k] * (rr_new[keep] / rr[cols_k])
+                rr[cols] = rr_new
+        finally:
+            bar.close()
     rel = R.norm(dim=0) / bnorm_safe
     residual = float(rel.max())
     converged = bool((rel <= tol).all()) and not bool(failed.any())
@@ -169,6 +170,9 @@ class InverseOperator(LinearOperator):
         self.shape, self.dtype, self.device = tuple(A.shape), A.dtype, A.device
         self.exact_products = False  # each product carries CG's error (up to tol): check residuals directly
         self.last: SolveResult | None = None
+
+    def _operands(self) -> tuple[LinearOperator, ...]:
+        return (self.A,) if isinstance(self.A, LinearOperator) else ()
 
     def _matmat(self, V: Tensor) -> Tensor:
         self.last = solve(self.A, V, self.damping, self.tol, self.max_matvecs)

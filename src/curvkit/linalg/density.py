@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..progress import progress as progress_bar
 from ..errors import ArgumentError, CurvkitWarning
-from ._util import apply, check_symmetric, gaussian, generator, work_dtype
+from ._util import apply, check_symmetric, gaussian, generator, retaining, work_dtype
 from .results import DensityResult
 
 _F64 = torch.float64
@@ -82,37 +82,38 @@ def spectral_density(
     b_prev = torch.zeros(probes, dtype=dt, device=dev)
     matvecs, anorm = 0, 0.0
     bar = progress_bar(total=iterations, desc="spectral density", enabled=progress)
-    try:
-        for j in range(iterations):
-            cols = live.nonzero()[:, 0]
-            W = torch.zeros_like(Q)
-            W[:, cols] = apply(A, Q[:, cols], "Lanczos product")
-            matvecs += len(cols)
-            a = (Q * W).sum(0)
-            W -= Q * a + Q_prev * b_prev
-            if basis is not None:
-                basis[j] = Q
-                B = basis[: j + 1]
-                for _ in range(2):  # each probe against its own basis only
-                    W -= torch.einsum("jnp,jp->np", B, torch.einsum("jnp,np->jp", B, W))
-            b = W.norm(dim=0)
-            alpha[j] = a.to(device="cpu", dtype=_F64)
-            anorm = max(anorm, float(a.abs().max()), float(b.max()))
-            # an invariant subspace: beta falls to rounding level (eps^0.75 leaves room for the
-            # rounding of A itself; stopping there changes the quadrature by about as much)
-            died = live & (b <= torch.finfo(dt).eps ** 0.75 * max(anorm, 1e-300))
-            for c in died.nonzero()[:, 0].tolist():
-                steps[c] = j + 1
-            live &= ~died
-            bar.update(1)
-            if j == iterations - 1 or not live.any():
-                break
-            b = torch.where(live, b, torch.zeros_like(b))
-            beta[j] = b.to(device="cpu", dtype=_F64)
-            Q_prev, b_prev = Q, b
-            Q = torch.where(live, W / torch.where(live, b, torch.ones_like(b)), torch.zeros_like(W))
-    finally:
-        bar.close()
+    with retaining(A):  # the products of one run may share work (the Hessian's gradient graphs)
+        try:
+            for j in range(iterations):
+                cols = live.nonzero()[:, 0]
+                W = torch.zeros_like(Q)
+                W[:, cols] = apply(A, Q[:, cols], "Lanczos product")
+                matvecs += len(cols)
+                a = (Q * W).sum(0)
+                W -= Q * a + Q_prev * b_prev
+                if basis is not None:
+                    basis[j] = Q
+                    B = basis[: j + 1]
+                    for _ in range(2):  # each probe against its own basis only
+                        W -= torch.einsum("jnp,jp->np", B, torch.einsum("jnp,np->jp", B, W))
+                b = W.norm(dim=0)
+                alpha[j] = a.to(device="cpu", dtype=_F64)
+                anorm = max(anorm, float(a.abs().max()), float(b.max()))
+                # an invariant subspace: beta falls to rounding level (eps^0.75 leaves room for the
+                # rounding of A itself; stopping there changes the quadrature by about as much)
+                died = live & (b <= torch.finfo(dt).eps ** 0.75 * max(anorm, 1e-300))
+                for c in died.nonzero()[:, 0].tolist():
+                    steps[c] = j + 1
+                live &= ~died
+                bar.update(1)
+                if j == iterations - 1 or not live.any():
+                    break
+                b = torch.where(live, b, torch.zeros_like(b))
+                beta[j] = b.to(device="cpu", dtype=_F64)
+                Q_prev, b_prev = Q, b
+                Q = torch.where(live, W / torch.where(live, b, torch.ones_like(b)), torch.zeros_like(W))
+        finally:
+            bar.close()
 
     nodes = torch.zeros(probes, iterations, dtype=_F64)
     weights = torch.zeros(probes, iterations, dtype=_F64)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentError
-from ._util import apply, check_square, generator, operator_blocks, rademacher, work_dtype
+from ._util import apply, check_square, generator, operator_blocks, rademacher, retaining, work_dtype
 from .results import BlockResults, DiagonalResult
 
 _CHUNK = 64  # probes per block product: bounds memory for large operators
@@ -59,13 +59,14 @@ def diagonal(
     mean = torch.zeros(n, dtype=torch.float64, device=A.device)
     m2 = torch.zeros_like(mean)  # sum of squared deviations, merged chunk by chunk (Chan et al.)
     seen = 0
-    for i in range(0, probes, _CHUNK):
-        S = hutchinson_samples(A, min(_CHUNK, probes - i), gen).to(torch.float64)
-        c, cm = S.shape[1], S.mean(1)
-        delta = cm - mean
-        m2 += ((S - cm[:, None]) ** 2).sum(1) + delta**2 * seen * c / (seen + c)
-        mean += delta * c / (seen + c)
-        seen += c
+    with retaining(A):  # the products of one run may share work (the Hessian's gradient graphs)
+        for i in range(0, probes, _CHUNK):
+            S = hutchinson_samples(A, min(_CHUNK, probes - i), gen).to(torch.float64)
+            c, cm = S.shape[1], S.mean(1)
+            delta = cm - mean
+            m2 += ((S - cm[:, None]) ** 2).sum(1) + delta**2 * seen * c / (seen + c)
+            mean += delta * c / (seen + c)
+            seen += c
     var = m2 / (probes - 1)
     wd = work_dtype(A.dtype)
     return DiagonalResult(mean.to(wd), (var / probes).sqrt().to(wd), probes, probes)

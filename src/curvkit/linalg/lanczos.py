@@ -12,7 +12,7 @@ from torch import Tensor
 from ..progress import progress as progress_bar
 from ..errors import ArgumentError, ConvergenceWarning, ShapeError
 from ._basis import Basis
-from ._util import apply, check_square, check_symmetric, gaussian, generator, operator_blocks, work_dtype
+from ._util import apply, check_square, check_symmetric, gaussian, generator, operator_blocks, retaining, work_dtype
 from .results import BlockResults, EigenResult
 
 Which = Literal["largest", "smallest", "magnitude"]
@@ -100,10 +100,12 @@ def eigenvalues(
         out = {}
         for name, B in operator_blocks(A, by).items():
             nb = check_square(B)
-            out[name] = _eigenvalues(B, min(k, nb), which, tol, max_matvecs, seed, block_size,
-                                     basis_size, None, progress, allow_all=True)
+            with retaining(B):
+                out[name] = _eigenvalues(B, min(k, nb), which, tol, max_matvecs, seed, block_size,
+                                         basis_size, None, progress, allow_all=True)
         return BlockResults(out)
-    return _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, init, progress)
+    with retaining(A):  # the products of one run may share work (the Hessian's gradient graphs)
+        return _eigenvalues(A, k, which, tol, max_matvecs, seed, block_size, basis_size, init, progress)
 
 
 CLUSTER = 0.02  # unwanted Ritz values this close (relative to max|lambda|) to the last wanted one must converge too

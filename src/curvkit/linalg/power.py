@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentError, ConvergenceWarning
-from ._util import apply, check_symmetric, gaussian, generator, work_dtype
+from ._util import apply, check_symmetric, gaussian, generator, retaining, work_dtype
 from .results import EigenResult
 
 
@@ -43,15 +43,16 @@ def power_iteration(
     gen = generator(seed)
     v = gaussian(n, 1, gen, work_dtype(A.dtype), A.device)[:, 0]
     v = v / v.norm()
-    Av, matvecs = apply(A, v), 1
-    while True:
-        lam = torch.dot(v, Av)
-        res = (Av - lam * v).norm()
-        if res <= tol * lam.abs() or matvecs >= max_matvecs:
-            break
-        v = Av / Av.norm()
-        Av = apply(A, v)
-        matvecs += 1
+    with retaining(A):  # the products may share work (the Hessian's gradient graphs)
+        Av, matvecs = apply(A, v), 1
+        while True:
+            lam = torch.dot(v, Av)
+            res = (Av - lam * v).norm()
+            if res <= tol * lam.abs() or matvecs >= max_matvecs:
+                break
+            v = Av / Av.norm()
+            Av = apply(A, v)
+            matvecs += 1
     converged = bool(res <= tol * lam.abs())
     if not converged:
         warnings.warn(

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, CurvkitWarning
-from ._util import apply, check_square, generator, operator_blocks, rademacher, work_dtype
+from ._util import apply, check_square, generator, operator_blocks, rademacher, retaining, work_dtype
 from .results import BlockResults, TraceResult
 
 _CHUNK = 64  # probes per block product: bounds memory for large operators
@@ -68,6 +68,11 @@ def trace(
     if by is not None:
         return BlockResults({name: trace(B, method, probes, seed) for name, B in operator_blocks(A, by).items()})
     n = check_square(A)
+    with retaining(A):  # the products of one run may share work (the Hessian's gradient graphs)
+        return _trace(A, n, method, probes, seed)
+
+
+def _trace(A: Any, n: int, method: str, probes: int, seed: int | torch.Generator | None) -> TraceResult:
     gen, wd = generator(seed), work_dtype(A.dtype)
     s = min(probes // 3, (probes - MIN_SAMPLES) // 2)
     if method == "hutchinson" or s < MIN_SAMPLES // 2:  # a sketch of < 5 vectors buys less than its products
@@ -75,7 +80,7 @@ def trace(
             warnings.warn(
                 f"trace: a standard error from {probes} samples is itself uncertain (the error can exceed it "
                 f"several times); use probes >= {MIN_SAMPLES} for an error bar you can trust",
-                CurvkitWarning, stacklevel=2,
+                CurvkitWarning, stacklevel=3,
             )
         samples = _quadratic_forms(A, lambda m: rademacher(n, m, gen, wd, A.device), probes)
         value, stderr = _mean_stderr(samples)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -16,6 +18,7 @@ from ..model.kernels import OutOfMemory
 from ..model.params import ParamSpec
 from ..model.risk import Mode
 from ._graphs import GraphCache
+from ._retain import SHARE, Graph, Kept, SavedBytes, free_memory, versions
 from .base import CurvatureOperator, transform_failed
 
 Method = Literal["auto", "forward-over-reverse", "double-backward"]
@@ -40,6 +43,12 @@ class HessianOperator(CurvatureOperator):
     a time, and models without forward-mode derivatives to double backward; every path gives the
     same matrix. ``method`` forces one.
 
+    Inside :meth:`retaining` (which every algorithm of :mod:`curvkit.linalg` enters for its run),
+    double-backward products keep each batch's gradient graph from the first product and
+    differentiate it again for every later one: those cost one backward through the graph
+    instead of a forward and two backwards (about 2 gradients instead of 3-4 on a transformer),
+    at the memory of the kept graphs (``retain_graphs``).
+
     Cost of ``H @ V`` with V (n, k): one pass over the data, each batch a forward, a backward
     and their k tangent passes (about 2-4 gradients for k = 1; see BENCHMARKS.md).
 
@@ -54,10 +63,16 @@ class HessianOperator(CurvatureOperator):
 
     def __init__(self, model: nn.Module, loss_fn: Any, data: Any, params: ParamSpec = None, *,
                  method: Method = "auto", mode: Mode = "eval", reduction: str | None = None, output: Any = None,
-                 max_batch: int | None = None, distributed: bool | None = None, cuda_graphs: bool | None = None):
+                 max_batch: int | None = None, distributed: bool | None = None, cuda_graphs: bool | None = None,
+                 retain_graphs: bool | int = True):
         if method not in ("auto", "forward-over-reverse", "double-backward"):
             raise ArgumentError(f"method must be 'auto', 'forward-over-reverse' or 'double-backward', got {method!r}")
+        if not (isinstance(retain_graphs, bool) or (isinstance(retain_graphs, int) and retain_graphs >= 0)):
+            raise ArgumentError(f"retain_graphs must be True, False or a number of bytes >= 0, got {retain_graphs!r}")
         self.method = method
+        self.retain_graphs = retain_graphs
+        self._kept: Kept | None = None  # the gradient graphs kept inside retaining()
+        self._piece: tuple[int, int] = (-1, 0)  # (batch key, piece) of the last batch product in a pass
         self.strategy = "double-backward" if method == "double-backward" else "vmap"
         self.choice: dict | None = None  # what method="auto" measured, once
         super().__init__(model, loss_fn, data, params, mode=mode, reduction=reduction, output=output,
@@ -66,11 +81,38 @@ class HessianOperator(CurvatureOperator):
     def _options(self) -> dict:
         chosen = {"double-backward": "double-backward", "vmap": "forward-over-reverse"}.get(self.strategy)
         method = chosen if self.choice is not None and chosen else self.method  # blocks reuse the choice
-        return {**super()._options(), "method": method}
+        return {**super()._options(), "method": method, "retain_graphs": self.retain_graphs}
+
+    @contextlib.contextmanager
+    def retaining(self) -> Iterator[None]:
+        """Keep each batch's gradient graph between the double-backward products made inside:
+        a later product of the same batch differentiates the kept graph again (one backward)
+        instead of recomputing the forward and the first backward.
+
+        Memory: the kept graphs (a batch's activations and the first backward's intermediates,
+        for each batch kept), within ``retain_graphs`` bytes (``True``: 80% of the device memory free
+        on entry on CUDA, a quarter of the available host memory on the CPU; ``False`` or 0:
+        nothing is kept); batches past the budget are recomputed. Freed on
+        exit. A graph is used again only while the model's parameters and buffers are unchanged
+        and the batch holds the same values; out of memory, every kept graph is freed and the
+        product recomputed. Nested contexts share the outer one's graphs. Products by
+        forward-over-reverse, or replayed from a CUDA graph, are unaffected."""
+        if self._kept is not None or self.retain_graphs is False:
+            yield
+            return
+        share = SHARE["cuda" if self.device.type == "cuda" else "cpu"]
+        budget = share * free_memory(self.device) if self.retain_graphs is True else float(self.retain_graphs)
+        self._kept = Kept(budget)
+        try:
+            yield
+        finally:
+            self._kept.clear()
+            self._kept = None
 
     def _matmat(self, V: Tensor) -> Tensor:
         if self.method == "auto" and self.choice is None:
             self._choose(V)
+        self._piece = (-1, 0)  # a new pass: pieces are counted from its first batch
         return super()._matmat(V)
 
     def _choose(self, V: Tensor) -> None:
@@ -79,7 +121,8 @@ class HessianOperator(CurvatureOperator):
         choice keeps same-seed results bit-identical. On CUDA, run both on a slice of the first
         batch (a quarter of it), timed, with their peak memory, and keep the better (double
         backward is timed on one probe and scaled by the k probes: it runs one backward per
-        probe). Forward-over-reverse is timed as it will run: replayed from a CUDA graph where
+        probe; inside :meth:`retaining` at what its later products cost, re-differentiating kept
+        graphs where they fit: :meth:`_kept_seconds`). Forward-over-reverse is timed as it will run: replayed from a CUDA graph where
         graphs are on (for small models the graph is most of its speed), captured for the slice
         and freed after. Double backward is kept where either method's peak memory, scaled
         linearly from the slice to the batch, passes :data:`LARGE` (a quarter) of the device's
@@ -127,12 +170,16 @@ class HessianOperator(CurvatureOperator):
             measure(dbl_fn, xw, yw)  # warm-up: first-call costs (kernel choice, workspaces) out of the timing
             dbl = measure(dbl_fn, xs, ys)
             dbl["seconds"] *= V.shape[1]
+            if self._kept is not None and self._kept.budget > 0:  # inside retaining(): later products reuse graphs
+                dbl["seconds_kept"] = self._kept_seconds(xs, ys, one, size) * V.shape[1]
             if dbl["peak_bytes"] * size / dbl["examples"] > big:  # forward-over-reverse needs more still
                 return keep_double_backward(f"double backward alone needs over {LARGE:.0%} of the device's memory",
                                             **{"double-backward": dbl})
             try:
                 first = measure(fwd_fn, *((xs, ys) if graphs is not None else (xw, yw)), halve=False)
-                fwd = measure(fwd_fn, xs, ys, halve=False) if self.strategy != "double-backward" else None
+                fwd = None
+                if self.strategy != "double-backward":  # the faster of two runs: one ~0.1 s timing is noisy
+                    fwd = min((measure(fwd_fn, xs, ys, halve=False) for _ in range(2)), key=lambda m: m["seconds"])
                 if fwd is not None and graphs is not None:  # the capture's memory is the graph's to keep
                     fwd["peak_bytes"] = max(fwd["peak_bytes"], first["peak_bytes"])
             except OutOfMemory:
@@ -144,12 +191,35 @@ class HessianOperator(CurvatureOperator):
             gc.collect()  # the slice graph's pool is freed only with its last reference (cycles included)
         if self.strategy == "double-backward":  # the transform could not run this model: nothing to choose
             return keep_double_backward("forward-over-reverse cannot run this model")
-        t_f, t_d = fwd["seconds"], dbl["seconds"]
+        t_f, t_d = fwd["seconds"], dbl.get("seconds_kept", dbl["seconds"])
         measured = {"forward-over-reverse": fwd, "double-backward": dbl}
         if (t_d < 0.9 * t_f or (t_d <= 1.1 * t_f and dbl["peak_bytes"] < fwd["peak_bytes"])
                 or fwd["peak_bytes"] * size / fwd["examples"] > big):
             return keep_double_backward(**measured)
         self.choice = {**measured, "chosen": "forward-over-reverse"}
+
+    def _kept_seconds(self, x: Any, y: Tensor, V: list[Tensor], size: int) -> float:
+        """What a double-backward product of the slice ``(x, y)`` costs inside :meth:`retaining`
+        once graphs are kept: re-differentiating a kept graph (the faster of two runs) for the
+        batches whose graphs fit in the budget (the slice's graph memory scaled to whole batches),
+        a whole product for the rest. Cost: one slice product and two more backwards."""
+        t0 = time.perf_counter()
+        g = self._gradient_graph(x, y, None, count=True)
+        torch.cuda.synchronize()
+        t_graph = time.perf_counter() - t0
+        t_again = float("inf")
+        for last in (False, True):
+            t0 = time.perf_counter()
+            if g.live:
+                with torch.enable_grad():
+                    torch.autograd.grad([g.grads[i] for i in g.live], g.params, [V[i][0] for i in g.live],
+                                        retain_graph=not last, allow_unused=True)
+            torch.cuda.synchronize()
+            t_again = min(t_again, time.perf_counter() - t0)
+        sizes = self.risk.batches.sizes
+        per_batch = g.nbytes * size / max(int(y.shape[0]), 1)
+        kept = min(len(sizes), int(self._kept.budget // max(per_batch, 1.0)))
+        return t_again + t_graph * (len(sizes) - kept) / len(sizes)
 
     def _batch_matmat(self, x: Any, y: Tensor, V: list[Tensor], index: int) -> tuple[list[Tensor], Tensor, Any]:
         names, k, risk = self.param_names, V[0].shape[0], self.risk
@@ -184,33 +254,75 @@ class HessianOperator(CurvatureOperator):
                     if self.method == "forward-over-reverse":
                         raise
                     self.strategy = "double-backward"
-        return self._double_backward(x, y, V)
+        last, piece = self._piece
+        self._piece = (index, piece + 1 if index == last else 0)
+        key = None if self._kept is None or self._graphs is not None else self._piece
+        return self._double_backward(x, y, V, key)
 
-    def _double_backward(self, x: Any, y: Tensor, V: list[Tensor]) -> tuple[list[Tensor], Tensor, Any]:
+    def _double_backward(self, x: Any, y: Tensor, V: list[Tensor], key: tuple | None = None
+                         ) -> tuple[list[Tensor], Tensor, Any]:
+        """The batch's Hessian times the k probes: one backward per probe through the gradient's
+        graph. ``key`` (inside :meth:`retaining`): the batch piece whose graph may be kept or
+        reused."""
+        kept = self._kept if key is not None else None
+        if kept is None:
+            return self._differentiate(self._gradient_graph(x, y, None, count=False), V, keep=False)
+        state = versions([*self.model.parameters(), *(self.model.buffers() if self.risk.mode == "eval" else ())])
+        try:
+            g = kept.take(key, x, y, state)
+            fresh = g is None
+            if fresh:
+                g = self._gradient_graph(x, y, state, count=True)
+            keep = not fresh or kept.fits(g.nbytes)
+            out = self._differentiate(g, V, keep)
+        except OutOfMemory:
+            if not kept.graphs:
+                raise
+            out = None  # the kept graphs took the room this product needs: free them, keep no more
+        if out is None:
+            kept.clear()
+            kept.budget = 0
+            torch.cuda.empty_cache()
+            return self._differentiate(self._gradient_graph(x, y, None, count=False), V, keep=False)
+        if fresh and keep:
+            kept.keep(key, g)
+        return out
+
+    def _differentiate(self, g: Graph, V: list[Tensor], keep: bool) -> tuple[list[Tensor], Tensor, Any]:
+        """``H V`` of the batch of ``g``: one backward through its graph per probe; ``keep``: leave
+        the graph for later products."""
         k = V[0].shape[0]
+        rows: list[list[Tensor]] = [[torch.zeros_like(v[0]) for v in V] for _ in range(k)]
         with torch.enable_grad():
-            params = {n: p.requires_grad_(True) for n, p in self.space.detached().items()}
-            plist = list(params.values())
+            for j in range(k):
+                if not g.live:
+                    break
+                hv = torch.autograd.grad([g.grads[i] for i in g.live], g.params, [V[i][j] for i in g.live],
+                                         retain_graph=keep or j < k - 1, allow_unused=True)
+                rows[j] = [h if h is not None else torch.zeros_like(p) for h, p in zip(hv, g.params)]
+        return [torch.stack([r[i] for r in rows]) for i in range(len(V))], g.loss, g.weight
+
+    def _gradient_graph(self, x: Any, y: Tensor, state: tuple | None, count: bool) -> Graph:
+        """A forward and a backward that records its graph (``create_graph``); ``count``: measure
+        the memory the graph holds (to decide whether it can be kept)."""
+        params = {n: p.requires_grad_(True) for n, p in self.space.detached().items()}
+        plist = list(params.values())
+        saved = SavedBytes([*self.model.parameters(), *self.model.buffers()]) if count else contextlib.nullcontext()
+        with torch.enable_grad(), saved:
             out = self.risk.function()(params, x)
             loss = self.risk.loss(out, y)
             # parameters the loss does not reach (an unused module) or reaches linearly have a zero
             # gradient or a gradient without a graph: their rows of H are zero
             grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
-            live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-            rows: list[list[Tensor]] = [[torch.zeros_like(v[0]) for v in V] for _ in range(k)]
-            for j in range(k):
-                if not live:
-                    break
-                hv = torch.autograd.grad([grads[i] for i in live], plist, [V[i][j] for i in live],
-                                         retain_graph=j < k - 1, allow_unused=True)
-                rows[j] = [h if h is not None else torch.zeros_like(p) for h, p in zip(hv, plist)]
-        return ([torch.stack([r[i] for r in rows]) for i in range(len(V))], loss.detach(),
-                self.risk.weight(out, y))
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        nbytes = saved.nbytes + sum(g.untyped_storage().nbytes() for g in grads if g is not None) if count else 0
+        return Graph(x, y, state, grads, plist, live, loss.detach(), self.risk.weight(out, y), nbytes)
 
 
 def hessian(model: nn.Module, loss_fn: Any, data: Any, params: ParamSpec = None, *, method: Method = "auto",
             mode: Mode = "eval", reduction: str | None = None, output: Any = None, max_batch: int | None = None,
-            distributed: bool | None = None, cuda_graphs: bool | None = None) -> HessianOperator:
+            distributed: bool | None = None, cuda_graphs: bool | None = None,
+            retain_graphs: bool | int = True) -> HessianOperator:
     """The Hessian of ``loss_fn(model(inputs), targets)`` over ``data`` as a matrix-free operator.
 
     Cost to build: one pass over the data's batches without the model (to count and check
@@ -218,4 +330,5 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, params: ParamSpec = None,
     for the product's cost and :class:`~curvkit.operators.base.CurvatureOperator` for the options.
     """
     return HessianOperator(model, loss_fn, data, params, method=method, mode=mode, reduction=reduction,
-                           output=output, max_batch=max_batch, distributed=distributed, cuda_graphs=cuda_graphs)
+                           output=output, max_batch=max_batch, distributed=distributed, cuda_graphs=cuda_graphs,
+                           retain_graphs=retain_graphs)

@@ -1,0 +1,154 @@
+"""Gradient graphs kept between Hessian products inside one run of an algorithm.
+
+A double-backward Hessian product of a batch is a forward, a backward that records its own graph
+(``create_graph=True``) and a backward through that graph. The first two do not depend on the
+vector: an algorithm that makes many products on the same data (Lanczos, CG, SLQ, Hutchinson)
+can keep each batch's gradient graph from its first product and differentiate it again for every
+later one, which saves about a third of each product (BENCHMARKS.md). The graphs cost memory (a
+batch's activations and the first backward's intermediates), so they are kept only inside
+:meth:`HessianOperator.retaining` (which the algorithms enter), only while they fit in a budget,
+and only while nothing they were computed from has changed: the model's parameters and buffers
+(their version counters and storage) and the batch itself (compared).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# of the memory free when a run starts, the most its kept graphs may take by default: on CUDA an
+# out-of-memory error is caught (the product frees them all and goes on without); a host that runs
+# out of memory kills the process instead, so the CPU keeps a wide margin
+SHARE = {"cuda": 0.8, "cpu": 0.25}
+
+
+@dataclass
+class Graph:
+    """One batch's gradient with its graph: what a product differentiates again."""
+
+    x: Any
+    y: Tensor
+    state: tuple
+    grads: tuple
+    params: list[Tensor]
+    live: list[int]
+    loss: Tensor
+    weight: Any
+    nbytes: int = 0
+
+
+@dataclass
+class Kept:
+    """The graphs kept in one run, by the batch piece they belong to, within ``budget`` bytes."""
+
+    budget: float
+    held: int = 0
+    graphs: dict[tuple, Graph] = field(default_factory=dict)
+
+    def take(self, key: tuple, x: Any, y: Tensor, state: tuple) -> Graph | None:
+        """The graph kept for ``key`` if it is still this batch's at these parameters, else None
+        (a stale one is dropped)."""
+        g = self.graphs.get(key)
+        if g is None:
+            return None
+        if g.state == state and same(g.x, x) and same(g.y, y):
+            return g
+        self.drop(key)
+        return None
+
+    def fits(self, nbytes: int) -> bool:
+        return self.held + nbytes <= self.budget
+
+    def keep(self, key: tuple, g: Graph) -> None:
+        self.graphs[key] = g
+        self.held += g.nbytes
+
+    def drop(self, key: tuple) -> None:
+        self.held -= self.graphs.pop(key).nbytes
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.held = 0
+
+
+def same(a: Any, b: Any) -> bool:
+    """Whether two batches (tensors, or mappings/sequences of them) hold the same values. The same
+    tensor unchanged (its version counter) is the same without a look at its values."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            return False
+        if a is b:
+            return True
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values that cannot be compared are not known to be the same
+        return False
+
+
+def versions(tensors: list[Tensor]) -> tuple:
+    """What changes when a tensor is written in place (its version) or replaced (its storage)."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def free_memory(device: torch.device) -> float:
+    """Bytes a run could still allocate: free device memory plus the caching allocator's unused
+    blocks on CUDA; the host's available memory otherwise (``MemAvailable``, else half the RAM)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
+class SavedBytes:
+    """Counts the bytes autograd saves for backward while active (``saved_tensors_hooks``): the
+    memory a kept graph holds, on any device. Tensors that live anyway (the parameters, the batch)
+    and storages met before are not counted."""
+
+    def __init__(self, exclude: list[Tensor]):
+        self.seen = {_storage(t) for t in exclude}
+        self.nbytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: Tensor) -> Tensor:
+        key = _storage(t)
+        if key is not None and key not in self.seen:
+            self.seen.add(key)
+            self.nbytes += t.untyped_storage().nbytes()
+        # an alias without autograd history: the tensor itself would close a reference cycle for a
+        # saved output (output -> its node -> saved output) that only the garbage collector breaks,
+        # so a kept graph would outlive its release. Autograd restores the history on unpacking.
+        return t.detach()
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _storage(t: Any) -> tuple | None:
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, AttributeError):  # no storage (a wrapper subclass)
+        return None

@@ -1,0 +1,238 @@
+"""Gradient graphs kept between Hessian products (``HessianOperator.retaining``): the same
+products, a forward saved per batch and product, and nothing reused that has changed."""
+
+import pytest
+import torch
+from torch import nn
+
+import curvkit as ck
+from curvkit.errors import ArgumentError, DataError
+from curvkit.linear_operator import identity_like
+
+from cases import DT, assert_close, make_batches, make_loss, make_model, randn
+
+
+class Forwards:
+    """Counts the model's forward calls (functional calls included)."""
+
+    def __init__(self, model: nn.Module):
+        self.n = 0
+        model.register_forward_pre_hook(lambda *_: setattr(self, "n", self.n + 1))
+
+    def since(self, start: int) -> int:
+        return self.n - start
+
+
+def _problem(kind="layernorm", loss="ce", sizes=(7, 5, 3)):
+    model = make_model(kind)
+    return model, make_batches(kind, loss, sizes), make_loss(loss)
+
+
+def test_products_inside_retaining_equal_fresh_ones_and_run_one_forward_per_batch():
+    model, batches, loss_fn = _problem()
+    count = Forwards(model)
+    H = ck.hessian(model, loss_fn, batches)
+    n = H.shape[0]
+    v1, v2, V = randn(n), randn(n, seed=1), randn(n, 3, seed=2)
+    ref = [H @ v1, H @ v2, H @ V]
+    start = count.n
+    with H.retaining():
+        got = [H @ v1, H @ v2, H @ V, H @ v1]
+        assert count.since(start) == len(batches)  # the first product's forwards only
+        assert len(H._kept.graphs) == len(batches) and H._kept.held > 0
+    for a, b in zip(got, ref + ref[:1]):
+        assert torch.equal(a, b)  # the same operations on the same saved tensors
+    assert H._kept is None
+    start = count.n
+    H @ v1
+    assert count.since(start) == len(batches)  # outside: every product recomputes
+
+
+def test_graphs_are_freed_on_exit_and_nested_contexts_share_them():
+    model, batches, loss_fn = _problem()
+    H = ck.hessian(model, loss_fn, batches)
+    v = randn(H.shape[0])
+    with H.retaining():
+        H @ v
+        kept = H._kept
+        with H.retaining():  # an algorithm run inside a user's context: the same graphs
+            assert H._kept is kept
+            H @ v
+        assert H._kept is kept and len(kept.graphs) == len(batches)
+        grads = next(iter(kept.graphs.values())).grads
+        assert grads[0].grad_fn is not None
+    assert H._kept is None and not kept.graphs and kept.held == 0
+
+
+def test_a_changed_parameter_is_recomputed_and_a_changed_batch_refused():
+    model, batches, loss_fn = _problem()
+    count = Forwards(model)
+    H = ck.hessian(model, loss_fn, batches)
+    v = randn(H.shape[0])
+    with H.retaining():
+        H @ v
+        with torch.no_grad():
+            next(model.parameters()).add_(0.05)  # a training step inside the run
+        start = count.n
+        after = H @ v
+        assert count.since(start) == len(batches)
+        assert_close(after, ck.hessian(model, loss_fn, batches, retain_graphs=False) @ v)
+        batches[1][0].mul_(1.5)  # a batch written in place: refused by the data loop, as without graphs
+        with pytest.raises(DataError, match="data changed"):
+            H @ v
+
+
+def test_equal_batches_from_a_loader_are_reused():
+    """A DataLoader yields new tensors every pass: the graphs are reused when their values match."""
+    model, batches, loss_fn = _problem(sizes=(8, 8, 8))
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    count = Forwards(model)
+    H = ck.hessian(model, loss_fn, loader)
+    v = randn(H.shape[0])
+    with H.retaining():
+        first = H @ v
+        start = count.n
+        assert torch.equal(H @ v, first)
+        assert count.since(start) == 0
+
+
+def test_micro_batches_are_kept_piece_by_piece():
+    model, batches, loss_fn = _problem()
+    count = Forwards(model)
+    H = ck.hessian(model, loss_fn, batches, max_batch=2)
+    v = randn(H.shape[0])
+    ref = ck.hessian(model, loss_fn, batches, retain_graphs=False) @ v
+    pieces = sum(-(-int(y.shape[0]) // 2) for _, y in batches)
+    with H.retaining():
+        start = count.n
+        H @ v
+        assert count.since(start) == pieces
+        start = count.n
+        out = H @ v
+        assert count.since(start) == 0 and len(H._kept.graphs) == pieces
+    assert_close(out, ref)
+
+
+def test_budget_limits_the_graphs_kept():
+    model, batches, loss_fn = _problem(sizes=(6, 6, 6))
+    v = randn(ck.hessian(model, loss_fn, batches).shape[0])
+    H = ck.hessian(model, loss_fn, batches)
+    with H.retaining():
+        H @ v
+        sizes = [g.nbytes for g in H._kept.graphs.values()]
+    assert len(sizes) == 3 and min(sizes) > 0
+    count = Forwards(model)
+    for budget, kept in ((False, 0), (0, 0), (sizes[0], 1), (sizes[0] + sizes[1], 2)):
+        H = ck.hessian(model, loss_fn, batches, retain_graphs=budget)
+        with H.retaining():
+            H @ v
+            start = count.n
+            H @ v
+            assert count.since(start) == 3 - kept, budget
+    with pytest.raises(ArgumentError, match="retain_graphs"):
+        ck.hessian(model, loss_fn, batches, retain_graphs=-1)
+
+
+def test_the_graph_memory_counted_is_what_autograd_saves():
+    """The count is the saved tensors' storages plus the gradients, each storage once: for a linear
+    model with MSE it is the batch's output error and the gradient (the input is the batch)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False).double()
+    x, y = torch.randn(10, 4, dtype=DT), torch.randn(10, 3, dtype=DT)
+    H = ck.hessian(model, nn.MSELoss(reduction="sum"), (x, y))
+    with H.retaining():
+        H @ randn(12)
+        (g,) = H._kept.graphs.values()
+    assert g.nbytes >= 12 * 8  # at least the gradient itself
+    assert g.nbytes <= 12 * 8 + 4 * x.numel() * 8  # and nothing like a copy of the data per op
+
+
+ALGORITHMS = {
+    "eigenvalues": lambda A: ck.eigenvalues(A, k=2, tol=1e-8).values,
+    "power_iteration": lambda A: ck.power_iteration(A, tol=1e-3, max_matvecs=40).values,
+    "trace hutch++": lambda A: torch.tensor(ck.trace(A, probes=30).value),
+    "diagonal": lambda A: ck.diagonal(A, probes=70).value,
+    "spectral_density": lambda A: ck.spectral_density(A, iterations=6, probes=2).density,
+    "solve": lambda A: ck.solve(A, randn(A.shape[0], 2), damping=5.0, tol=1e-8).x,
+    "solve of a damped sum": lambda A: ck.solve(A + 0.5 * identity_like(A),
+                                                randn(A.shape[0]), damping=5.0, tol=1e-8).x,
+}
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_algorithm_runs_one_forward_per_batch_with_the_same_result(name):
+    run = ALGORITHMS[name]
+    model, batches, loss_fn = _problem()
+    count = Forwards(model)
+    lean = ck.hessian(model, loss_fn, batches, retain_graphs=False)
+    start = count.n
+    ref = run(lean)
+    assert count.since(start) > len(batches)  # the algorithm makes several passes
+    H = ck.hessian(model, loss_fn, batches)
+    start = count.n
+    out = run(H)
+    assert count.since(start) == len(batches)
+    assert torch.equal(out, ref)
+
+
+def test_out_of_memory_with_graphs_kept_frees_them_and_recomputes(monkeypatch):
+    """Kept graphs must never cost a product: out of memory, they go and the product is redone."""
+    from curvkit.model.kernels import OutOfMemory
+
+    hess = __import__("sys").modules["curvkit.operators.hessian"]
+    model, batches, loss_fn = _problem()
+    H = ck.hessian(model, loss_fn, batches)
+    v = randn(H.shape[0])
+    ref = H @ v
+    real = torch.autograd.grad
+    calls = {"n": 0}
+
+    class Autograd:  # the module's torch, with grad failing once while graphs are kept
+        def __getattr__(self, name):
+            return getattr(torch.autograd, name)
+
+        @staticmethod
+        def grad(*a, **k):
+            if H._kept is not None and H._kept.graphs and not k.get("create_graph") and calls["n"] == 0:
+                calls["n"] += 1
+                raise OutOfMemory("CUDA out of memory (simulated)")
+            return real(*a, **k)
+
+    class Torch:
+        def __getattr__(self, name):
+            return Autograd() if name == "autograd" else getattr(torch, name)
+
+    with H.retaining():
+        H @ v
+        monkeypatch.setattr(hess, "torch", Torch())
+        out = H @ v
+        monkeypatch.undo()
+        assert calls["n"] == 1 and H._kept.budget == 0 and not H._kept.graphs
+    assert torch.equal(out, ref)
+
+
+def test_kept_graphs_are_freed_on_exit_without_the_garbage_collector():
+    """Nothing of a kept graph may wait for the cycle collector: an activation saved by the op that
+    made it (tanh saves its output) dies when the context ends, with the collector off."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    seen = []
+    model[1].register_forward_hook(lambda m, i, out: seen.append(weakref.ref(out)))
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    H = ck.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    v = randn(H.shape[0])
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with H.retaining():
+            H @ v
+            H @ v
+        assert seen and all(r() is None for r in seen)  # (the memory itself: test_cuda_graphs)
+    finally:
+        if enabled:
+            gc.enable()
