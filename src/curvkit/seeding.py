@@ -1,6 +1,8 @@
 """Seeds: an int, a ``torch.Generator``, or ``None`` for fresh entropy (as numpy's
 ``default_rng(None)``). Same seed, same result; the generator lives on the CPU unless asked, so
-the stream is the same on every device and every rank."""
+the stream is the same on every rank. Large draws for an accelerator (the probes and start vectors
+of :mod:`curvkit.linalg`) are made there, from a generator seeded by one draw of this stream: the
+same on every rank, but other numbers than a CPU run draws with the same seed."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError, NonFiniteError, ShapeError
 from ..linear_operator import BlockDiagonalOperator, LinearOperator
-from ..seeding import generator
+from ..seeding import generator, seed_int
 
 __all__ = ["check_square", "check_symmetric", "generator", "rademacher", "gaussian", "work_dtype", "apply",
            "operator_blocks", "retaining"]
@@ -56,14 +56,26 @@ def check_symmetric(A: Any, what: str) -> int:
 
 
 def rademacher(n: int, k: int, gen: torch.Generator, dtype: torch.dtype, device) -> Tensor:
-    """(n, k) random signs, drawn on the generator's device then moved."""
-    z = torch.randint(0, 2, (n, k), generator=gen, device=gen.device).to(device=device, dtype=dtype)
+    """(n, k) random signs, drawn where they are used (:func:`drawing_generator`)."""
+    z = torch.randint(0, 2, (n, k), generator=drawing_generator(gen, device), device=device).to(dtype)
     return z.mul_(2).sub_(1)
 
 
 def gaussian(n: int, k: int, gen: torch.Generator, dtype: torch.dtype, device) -> Tensor:
-    """(n, k) standard normal entries, drawn on the generator's device then moved."""
-    return torch.randn(n, k, generator=gen, device=gen.device, dtype=dtype).to(device)
+    """(n, k) standard normal entries, drawn where they are used (:func:`drawing_generator`)."""
+    return torch.randn(n, k, generator=drawing_generator(gen, device), device=device, dtype=dtype)
+
+
+def drawing_generator(gen: torch.Generator, device) -> torch.Generator:
+    """``gen`` where the draw is on its device; for an accelerator, a generator there seeded by one
+    draw of ``gen``: the same draws on every rank and every run with the same seed, without
+    drawing 10^8 numbers on the host (1.4 s for 85M Gaussians, the cost of 1.5 Hessian products of
+    an 85M-parameter transformer on an H200). A CUDA run thus draws other vectors than a CPU run
+    with the same seed."""
+    device = torch.device(device)
+    if device.type == gen.device.type:
+        return gen
+    return torch.Generator(device=device).manual_seed(seed_int(gen))
 
 
 def work_dtype(dt: torch.dtype) -> torch.dtype:
