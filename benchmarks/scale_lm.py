@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument("--ref-tol", type=float, default=1e-6,
                     help="tolerance of curvkit's reference top-1 (the err column); 0 skips it (700M: 15 products)")
     ap.add_argument("--top5-block", action="store_true", help="also curvkit's top-5 with block size 5")
+    ap.add_argument("--lean", action="store_true",
+                    help="also curvkit's top-1/top-5 with retain_graphs=False (no gradient graphs kept between products)")
     ap.add_argument("--hf", action="store_true",
                     help="also a transformers GPT2LMHeadModel from a config (random weights, default SDPA attention)")
     ap.add_argument("--quick", action="store_true", help="a tiny decoder on short sequences, for a CPU smoke run")
@@ -225,6 +227,11 @@ def main() -> None:
                     lambda _: {"choice": {k: (v_ if isinstance(v_, str) else {a: round(b / (GIB if a == "peak_bytes" else 1), 3)
                                                                                 for a, b in v_.items()})
                                           for k, v_ in (H.choice or {}).items()}})
+            with H.retaining():  # the products of an algorithm: each batch's gradient graph kept from the first
+                H @ v
+                measure(rows, size, "hvp", f"curvkit H@v again, gradient graphs kept ({H.strategy})", lambda: H @ v,
+                        device, 1, lambda _: {"graphs_kept": len(H._kept.graphs) if H._kept else 0,
+                                              "kept_gib": round(H._kept.held / GIB, 2) if H._kept else 0})
             del H
             if args.compare_sdpa:
                 for b in model.blocks:
@@ -259,12 +266,18 @@ def main() -> None:
             def err(val):
                 return None if ref_val is None else abs(val - ref_val) / abs(ref_val)
 
+            ops = {}
+
             def top1():
-                return ck.eigenvalues(ck.hessian(model, lm_loss, data), k=1, tol=1e-3)
+                ops["H"] = ck.hessian(model, lm_loss, data)
+                return ck.eigenvalues(ops["H"], k=1, tol=1e-3)
 
             r = measure(rows, size, "top1", "curvkit eigenvalues k=1 tol 1e-3", top1, device, None,
                         lambda r: {"products": r.matvecs, "value": float(r.values[0]), "err": err(float(r.values[0])),
-                                   "residual": float(r.residuals[0]), "converged": r.converged})
+                                   "residual": float(r.residuals[0]), "converged": r.converged,
+                                   "chosen": (ops["H"].choice or {}).get("chosen"),
+                                   "seconds_kept": (ops["H"].choice or {}).get("double-backward", {}).get("seconds_kept")})
+            ops.clear()
             if r is not None:  # the reported residual against a direct product
                 Hv = H @ r.vectors[:, 0]
                 rows[-1]["direct_residual"] = float((Hv - r.values[0] * r.vectors[:, 0]).norm())
@@ -276,6 +289,11 @@ def main() -> None:
                     lambda: ck.eigenvalues(ck.hessian(model, lm_loss, data), k=1, tol=1e-2), device, None,
                     lambda r: {"products": r.matvecs, "value": float(r.values[0]), "err": err(float(r.values[0])),
                                "residual": float(r.residuals[0]), "converged": r.converged})
+            if args.lean:
+                measure(rows, size, "top1", "curvkit eigenvalues k=1 tol 1e-3, retain_graphs=False",
+                        lambda: ck.eigenvalues(ck.hessian(model, lm_loss, data, retain_graphs=False), k=1, tol=1e-3),
+                        device, None, lambda r: {"products": r.matvecs, "value": float(r.values[0]),
+                                                 "err": err(float(r.values[0])), "converged": r.converged})
             if args.bf16:
                 mb = copy.deepcopy(model).to(torch.bfloat16)
                 measure(rows, size, "top1", "curvkit eigenvalues k=1 tol 1e-2, bf16 model",
@@ -289,6 +307,11 @@ def main() -> None:
                     lambda: ck.eigenvalues(ck.hessian(model, lm_loss, data), k=5, tol=1e-3), device, None,
                     lambda r: {"products": r.matvecs, "values": [round(float(x), 4) for x in r.values],
                                "converged": r.converged})
+            if args.lean:
+                measure(rows, size, "top5", "curvkit eigenvalues k=5 tol 1e-3, retain_graphs=False",
+                        lambda: ck.eigenvalues(ck.hessian(model, lm_loss, data, retain_graphs=False), k=5, tol=1e-3),
+                        device, None, lambda r: {"products": r.matvecs, "values": [round(float(x), 4) for x in r.values],
+                                                 "converged": r.converged})
             if args.top5_block:
                 measure(rows, size, "top5", "curvkit eigenvalues k=5 tol 1e-3, block 5",
                         lambda: ck.eigenvalues(ck.hessian(model, lm_loss, data), k=5, tol=1e-3, block_size=5),
