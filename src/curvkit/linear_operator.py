@@ -393,6 +393,9 @@ class BlockDiagonalOperator(LinearOperator, Mapping):
         self.shape, self.dtype, self.device = (n, n), first.dtype, first.device
         self.is_symmetric = all(B.is_symmetric for B in self._blocks.values())
 
+    # retaining() does not enter the blocks: each would keep its own graphs of every batch, a
+    # multiple of one operator's memory; by="layer" runs enter one block at a time instead
+
     def _matmat(self, V: Tensor) -> Tensor:
         return torch.cat([B @ part for B, part in zip(self._blocks.values(), V.split(self._sizes))])
 
