@@ -190,7 +190,8 @@ class LinearOperator:
                 "use matrix-free algorithms (ck.eigenvalues, ck.trace, ...) or pass a larger max_size"
             )
         eye = torch.eye(n, dtype=self.dtype, device=self.device)
-        return torch.cat([self @ eye[:, i : i + chunk] for i in range(0, n, chunk)], dim=1)
+        with self.retaining():
+            return torch.cat([self @ eye[:, i : i + chunk] for i in range(0, n, chunk)], dim=1)
 
     def __repr__(self) -> str:
         sym = "" if self.is_symmetric else ", not symmetric"

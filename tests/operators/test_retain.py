@@ -236,3 +236,19 @@ def test_kept_graphs_are_freed_on_exit_without_the_garbage_collector():
     finally:
         if enabled:
             gc.enable()
+
+
+def test_dense_and_lissa_run_one_forward_per_batch():
+    from curvkit.influence import LiSSA
+
+    model, batches, loss_fn = _problem()
+    count = Forwards(model)
+    H = ck.hessian(model, loss_fn, batches)
+    start = count.n
+    D = H.dense(chunk=8)  # several block products
+    assert count.since(start) == len(batches)
+    assert_close(D, ck.hessian(model, loss_fn, batches, retain_graphs=False).dense(chunk=8))
+    est = LiSSA(model, loss_fn, batches, curvature="hessian", damping=5.0, depth=6, scale=50.0).fit()
+    start = count.n
+    est._precondition(randn(2, H.shape[0]))  # two query gradients, one per row
+    assert count.since(start) == len(batches)

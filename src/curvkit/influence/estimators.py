@@ -220,18 +220,19 @@ class LiSSA(_CurvatureInfluence):
         V = G.clone()
         gnorm = G.norm().clamp_min(1e-300)
         step = math.inf
-        for _ in range(self.depth):
-            HV = self._H @ V + self.damping * V
-            new = G + V - HV / self.scale
-            step = float((new - V).norm() / new.norm().clamp_min(1e-300))
-            V = new
-            if not torch.isfinite(V).all() or float(V.norm() / gnorm) > 1e12:
-                raise NonFiniteError(
-                    f"LiSSA diverged (scale={self.scale:g}, damping={self.damping:g}): an eigenvalue of "
-                    "(H + damping I) / scale is outside (0, 2). Raise scale above lambda_max(H + damping I) / 2, "
-                    "and damping above -lambda_min(H) (use curvature='ggn' for a positive semi-definite matrix)")
-            if step <= self.tol:
-                break
+        with self._H.retaining():  # depth products on the same data: the Hessian keeps its gradient graphs
+            for _ in range(self.depth):
+                HV = self._H @ V + self.damping * V
+                new = G + V - HV / self.scale
+                step = float((new - V).norm() / new.norm().clamp_min(1e-300))
+                V = new
+                if not torch.isfinite(V).all() or float(V.norm() / gnorm) > 1e12:
+                    raise NonFiniteError(
+                        f"LiSSA diverged (scale={self.scale:g}, damping={self.damping:g}): an eigenvalue of "
+                        "(H + damping I) / scale is outside (0, 2). Raise scale above lambda_max(H + damping I) / 2, "
+                        "and damping above -lambda_min(H) (use curvature='ggn' for a positive semi-definite matrix)")
+                if step <= self.tol:
+                    break
         self.convergence.append(step)
         if step > self.tol:
             warnings.warn(f"LiSSA stopped at depth={self.depth} with relative step {step:.2e} > tol {self.tol:g}; "
