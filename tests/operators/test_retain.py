@@ -236,3 +236,36 @@ def test_kept_graphs_are_freed_on_exit_without_the_garbage_collector():
     finally:
         if enabled:
             gc.enable()
+
+
+class _ScaledNet(nn.Module):
+    """An MLP whose hidden layer is scaled by a buffer (a mask, a temperature): the forward reads it
+    in either mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.register_buffer("scale", torch.ones(6))
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)) * self.scale)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_buffer_or_a_loss_weight_changed_in_place_is_recomputed(mode):
+    """Every tensor the loss reads may change inside a run: a buffer in train mode too (the model's
+    buffers are read, only BatchNorm's running statistics are not), and the loss's class weights."""
+    torch.manual_seed(0)
+    model = _ScaledNet().double()
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    loss_fn = nn.CrossEntropyLoss(weight=torch.ones(3, dtype=DT))
+    H = ck.hessian(model, loss_fn, (x, y), mode=mode)
+    v = randn(H.shape[0])
+    with H.retaining():
+        H @ v
+        model.scale.mul_(2.0)
+        after_buffer = H @ v
+        assert_close(after_buffer, ck.hessian(model, loss_fn, (x, y), mode=mode, retain_graphs=False) @ v)
+        loss_fn.weight.mul_(torch.tensor([1.0, 5.0, 1.0], dtype=DT))
+        after_weight = H @ v
+        assert_close(after_weight, ck.hessian(model, loss_fn, (x, y), mode=mode, retain_graphs=False) @ v)

@@ -93,9 +93,9 @@ class HessianOperator(CurvatureOperator):
         for each batch kept), within ``retain_graphs`` bytes (``True``: 80% of the device memory free
         on entry on CUDA, a quarter of the available host memory on the CPU; ``False`` or 0:
         nothing is kept); batches past the budget are recomputed. Freed on
-        exit. A graph is used again only while the model's parameters and buffers are unchanged
-        and the batch holds the same values; out of memory, every kept graph is freed and the
-        product recomputed. Nested contexts share the outer one's graphs. Products by
+        exit. A graph is used again only while the model's parameters and buffers (and the loss's
+        weights) are unchanged and the batch holds the same values; out of memory, every kept graph
+        is freed and the product recomputed. Nested contexts share the outer one's graphs. Products by
         forward-over-reverse, or replayed from a CUDA graph, are unaffected."""
         if self._kept is not None or self.retain_graphs is False:
             yield
@@ -267,7 +267,7 @@ class HessianOperator(CurvatureOperator):
         kept = self._kept if key is not None else None
         if kept is None:
             return self._differentiate(self._gradient_graph(x, y, None, count=False), V, keep=False)
-        state = versions([*self.model.parameters(), *(self.model.buffers() if self.risk.mode == "eval" else ())])
+        state = versions([*self.model.parameters(), *self.model.buffers(), *self._loss_tensors()])
         try:
             g = kept.take(key, x, y, state)
             fresh = g is None
@@ -287,6 +287,16 @@ class HessianOperator(CurvatureOperator):
         if fresh and keep:
             kept.keep(key, g)
         return out
+
+    def _loss_tensors(self) -> list[Tensor]:
+        """The tensors the loss reads besides the model's (class weights, ``pos_weight``): the spec's
+        and those of a loss module."""
+        spec = self.risk.spec
+        found = [t for t in vars(spec).values() if isinstance(t, Tensor)]
+        for m in (self.risk.loss_fn, getattr(spec, "fn", None)):
+            if isinstance(m, nn.Module):
+                found += [*m.parameters(), *m.buffers()]
+        return found
 
     def _differentiate(self, g: Graph, V: list[Tensor], keep: bool) -> tuple[list[Tensor], Tensor, Any]:
         """``H V`` of the batch of ``g``: one backward through its graph per probe; ``keep``: leave
