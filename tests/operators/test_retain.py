@@ -269,3 +269,18 @@ def test_a_buffer_or_a_loss_weight_changed_in_place_is_recomputed(mode):
         loss_fn.weight.mul_(torch.tensor([1.0, 5.0, 1.0], dtype=DT))
         after_weight = H @ v
         assert_close(after_weight, ck.hessian(model, loss_fn, (x, y), mode=mode, retain_graphs=False) @ v)
+
+
+def test_a_batch_written_in_place_is_recomputed_even_where_the_data_loop_cannot_tell():
+    """The data loop's checksum reads the first 16 features of each example; a graph kept for a
+    batch must not outlive a write to the batch's tensors anywhere (their version counters)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 20, dtype=DT), torch.randint(0, 3, (8,))
+    H = ck.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    v = randn(H.shape[0])
+    with H.retaining():
+        H @ v
+        x[:, 18] += 1.0
+        after = H @ v
+    assert_close(after, ck.hessian(model, nn.CrossEntropyLoss(), (x, y), retain_graphs=False) @ v)

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..model.data import tensors_of
+
 # of the memory free when a run starts, the most its kept graphs may take by default: on CUDA an
 # out-of-memory error is caught (the product frees them all and goes on without); a host that runs
 # out of memory kills the process instead, so the CPU keeps a wide margin
@@ -40,6 +42,10 @@ class Graph:
     loss: Tensor
     weight: Any
     nbytes: int = 0
+    batch: tuple = ()  # the batch's tensors' versions when the graph was made (:func:`batch_versions`)
+
+    def __post_init__(self) -> None:
+        self.batch = batch_versions(self.x, self.y)
 
 
 @dataclass
@@ -56,7 +62,7 @@ class Kept:
         g = self.graphs.get(key)
         if g is None:
             return None
-        if g.state == state and same(g.x, x) and same(g.y, y):
+        if g.state == state and g.batch == batch_versions(g.x, g.y) and same(g.x, x) and same(g.y, y):
             return g
         self.drop(key)
         return None
@@ -93,6 +99,12 @@ def same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - values that cannot be compared are not known to be the same
         return False
+
+
+def batch_versions(x: Any, y: Tensor) -> tuple:
+    """The version counters of a batch's tensors: a write in place to the batch (or to a tensor it
+    is a view of) changes them, where comparing the tensor with itself could not tell."""
+    return tuple(t._version for t in [*tensors_of(x), y])
 
 
 def versions(tensors: list[Tensor]) -> tuple:
