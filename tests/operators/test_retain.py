@@ -284,3 +284,57 @@ def test_a_batch_written_in_place_is_recomputed_even_where_the_data_loop_cannot_
         x[:, 18] += 1.0
         after = H @ v
     assert_close(after, ck.hessian(model, nn.CrossEntropyLoss(), (x, y), retain_graphs=False) @ v)
+
+
+class _WritesASavedTensor(nn.Module):
+    """Writes in place to a tensor autograd saved (sigmoid's output): its backward is refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.sigmoid(self.fc1(x))
+        out = self.fc2(h)
+        h.mul_(2.0)
+        return out
+
+
+def test_a_model_that_writes_a_saved_tensor_is_refused_inside_retaining_as_outside():
+    """Saved-tensor hooks turn off autograd's check of saved tensors' versions: the count keeps it,
+    or an algorithm would return wrong numbers where a product raises."""
+    torch.manual_seed(0)
+    model = _WritesASavedTensor().double()
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    H = ck.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        H @ randn(H.shape[0])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ck.power_iteration(H, max_matvecs=5)
+
+
+class _Masked(nn.Module):
+    """Reads a plain tensor attribute (not a buffer), which the product saves (``h * mask``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.mask = torch.ones(6, dtype=DT)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)) * self.mask)
+
+
+def test_a_kept_graph_whose_saved_tensor_was_written_since_is_made_again():
+    torch.manual_seed(0)
+    model = _Masked().double()
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    H = ck.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    v = randn(H.shape[0])
+    with H.retaining():
+        H @ v
+        model.mask[:3] = 0.5
+        after = H @ v
+        assert len(H._kept.graphs) == 1  # made again, and kept
+        assert torch.equal(H @ v, after)
+    assert_close(after, ck.hessian(model, nn.CrossEntropyLoss(), (x, y), retain_graphs=False) @ v)

@@ -139,9 +139,9 @@ class SavedBytes:
     def __init__(self, exclude: list[Tensor]):
         self.seen = {_storage(t) for t in exclude}
         self.nbytes = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
 
-    def _pack(self, t: Tensor) -> Tensor:
+    def _pack(self, t: Tensor) -> tuple[Tensor, int]:
         key = _storage(t)
         if key is not None and key not in self.seen:
             self.seen.add(key)
@@ -149,7 +149,9 @@ class SavedBytes:
         # an alias without autograd history: the tensor itself would close a reference cycle for a
         # saved output (output -> its node -> saved output) that only the garbage collector breaks,
         # so a kept graph would outlive its release. Autograd restores the history on unpacking.
-        return t.detach()
+        # With hooks autograd no longer checks that a saved tensor is unchanged: its version is
+        # kept to check it on unpacking (:func:`_unpack`).
+        return t.detach(), t._version
 
     def __enter__(self) -> SavedBytes:
         self._hooks.__enter__()
@@ -157,6 +159,21 @@ class SavedBytes:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+
+
+class Stale(RuntimeError):
+    """A tensor a graph saved was written in place since: the check autograd makes without hooks."""
+
+
+def _unpack(packed: tuple[Tensor, int]) -> Tensor:
+    t, version = packed
+    if t._version != version:
+        raise Stale(
+            "one of the variables needed for gradient computation has been modified by an inplace "
+            f"operation: [{t.dtype}, {tuple(t.shape)}] is at version {t._version}; expected version "
+            f"{version} instead (a tensor saved for the backward was written in place after it was saved)"
+        )
+    return t
 
 
 def _storage(t: Any) -> tuple | None:

@@ -18,7 +18,7 @@ from ..model.kernels import OutOfMemory
 from ..model.params import ParamSpec
 from ..model.risk import Mode
 from ._graphs import GraphCache
-from ._retain import SHARE, Graph, Kept, SavedBytes, free_memory, versions
+from ._retain import SHARE, Graph, Kept, SavedBytes, Stale, free_memory, versions
 from .base import CurvatureOperator, transform_failed
 
 Method = Literal["auto", "forward-over-reverse", "double-backward"]
@@ -275,6 +275,12 @@ class HessianOperator(CurvatureOperator):
                 g = self._gradient_graph(x, y, state, count=True)
             keep = not fresh or kept.fits(g.nbytes)
             out = self._differentiate(g, V, keep)
+        except Stale:
+            if fresh:  # the model writes a tensor its own backward needs: refused, as without hooks
+                raise
+            g = None
+            kept.drop(key)  # a tensor the kept graph saved was written since (not one the state sees)
+            return self._double_backward(x, y, V, key)
         except OutOfMemory:
             if not kept.graphs:
                 raise
