@@ -338,3 +338,33 @@ def test_a_kept_graph_whose_saved_tensor_was_written_since_is_made_again():
         assert len(H._kept.graphs) == 1  # made again, and kept
         assert torch.equal(H @ v, after)
     assert_close(after, ck.hessian(model, nn.CrossEntropyLoss(), (x, y), retain_graphs=False) @ v)
+
+
+class _Noisy(nn.Module):
+    """Draws from torch's random stream in its forward (noise injection, a reparameterised sample)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h * (1 + 0.5 * torch.randn_like(h)))
+
+
+def test_a_forward_that_draws_random_numbers_is_not_kept():
+    """Each product of such a model draws its own sample: a kept graph would freeze the first one
+    (and leave the random stream where it was), so products inside differ from those outside."""
+    torch.manual_seed(0)
+    model = _Noisy().double()
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    H = ck.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    v = randn(H.shape[0])
+    torch.manual_seed(5)
+    outside = [H @ v, H @ v]
+    torch.manual_seed(5)
+    with H.retaining():
+        inside = [H @ v, H @ v]
+        assert not H._kept.graphs
+    for a, b in zip(inside, outside):
+        assert torch.equal(a, b)

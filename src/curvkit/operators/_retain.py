@@ -43,6 +43,7 @@ class Graph:
     weight: Any
     nbytes: int = 0
     batch: tuple = ()  # the batch's tensors' versions when the graph was made (:func:`batch_versions`)
+    random: bool = False  # its forward drew from torch's random streams: not one function, not kept
 
     def __post_init__(self) -> None:
         self.batch = batch_versions(self.x, self.y)
@@ -105,6 +106,20 @@ def batch_versions(x: Any, y: Tensor) -> tuple:
     """The version counters of a batch's tensors: a write in place to the batch (or to a tensor it
     is a view of) changes them, where comparing the tensor with itself could not tell."""
     return tuple(t._version for t in [*tensors_of(x), y])
+
+
+def rng_states(device: torch.device) -> list[Tensor]:
+    """The states of torch's default random streams a forward on ``device`` may draw from: a forward
+    that changes them (noise, a sample) computes another function at every product."""
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def drew(before: list[Tensor], device: torch.device) -> bool:
+    """Whether a random stream moved since ``before`` (:func:`rng_states`)."""
+    return not all(torch.equal(a, b) for a, b in zip(before, rng_states(device)))
 
 
 def versions(tensors: list[Tensor]) -> tuple:

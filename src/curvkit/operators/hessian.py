@@ -18,7 +18,7 @@ from ..model.kernels import OutOfMemory
 from ..model.params import ParamSpec
 from ..model.risk import Mode
 from ._graphs import GraphCache
-from ._retain import SHARE, Graph, Kept, SavedBytes, Stale, free_memory, versions
+from ._retain import SHARE, Graph, Kept, SavedBytes, Stale, drew, free_memory, rng_states, versions
 from .base import CurvatureOperator, transform_failed
 
 Method = Literal["auto", "forward-over-reverse", "double-backward"]
@@ -95,8 +95,9 @@ class HessianOperator(CurvatureOperator):
         nothing is kept); batches past the budget are recomputed. Freed on
         exit. A graph is used again only while the model's parameters and buffers (and the loss's
         weights) are unchanged and the batch holds the same values; out of memory, every kept graph
-        is freed and the product recomputed. Nested contexts share the outer one's graphs. Products by
-        forward-over-reverse, or replayed from a CUDA graph, are unaffected."""
+        is freed and the product recomputed. A forward that draws from torch's random streams is not
+        kept (each product draws its own sample, as outside). Nested contexts share the outer one's
+        graphs. Products by forward-over-reverse, or replayed from a CUDA graph, are unaffected."""
         if self._kept is not None or self.retain_graphs is False:
             yield
             return
@@ -273,7 +274,7 @@ class HessianOperator(CurvatureOperator):
             fresh = g is None
             if fresh:
                 g = self._gradient_graph(x, y, state, count=True)
-            keep = not fresh or kept.fits(g.nbytes)
+            keep = not fresh or (kept.fits(g.nbytes) and not g.random)
             out = self._differentiate(g, V, keep)
         except Stale:
             if fresh:  # the model writes a tensor its own backward needs: refused, as without hooks
@@ -324,6 +325,7 @@ class HessianOperator(CurvatureOperator):
         params = {n: p.requires_grad_(True) for n, p in self.space.detached().items()}
         plist = list(params.values())
         saved = SavedBytes([*self.model.parameters(), *self.model.buffers()]) if count else contextlib.nullcontext()
+        rng = rng_states(self.device) if count else None
         with torch.enable_grad(), saved:
             out = self.risk.function()(params, x)
             loss = self.risk.loss(out, y)
@@ -332,7 +334,8 @@ class HessianOperator(CurvatureOperator):
             grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         nbytes = saved.nbytes + sum(g.untyped_storage().nbytes() for g in grads if g is not None) if count else 0
-        return Graph(x, y, state, grads, plist, live, loss.detach(), self.risk.weight(out, y), nbytes)
+        random = rng is not None and drew(rng, self.device)
+        return Graph(x, y, state, grads, plist, live, loss.detach(), self.risk.weight(out, y), nbytes, random=random)
 
 
 def hessian(model: nn.Module, loss_fn: Any, data: Any, params: ParamSpec = None, *, method: Method = "auto",
