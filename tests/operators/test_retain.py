@@ -368,3 +368,45 @@ def test_a_forward_that_draws_random_numbers_is_not_kept():
         assert not H._kept.graphs
     for a, b in zip(inside, outside):
         assert torch.equal(a, b)
+
+
+def test_out_of_memory_frees_the_graph_being_differentiated_before_the_product_is_redone(monkeypatch):
+    """The graph whose re-differentiation ran out of memory is one of those freed: none may still be
+    alive while the product is recomputed."""
+    import gc
+    import weakref
+
+    from curvkit.model.kernels import OutOfMemory
+
+    model, batches, loss_fn = _problem()
+    H = ck.hessian(model, loss_fn, batches)
+    v = randn(H.shape[0])
+    ref = H @ v
+    differentiate, gradient_graph = H._differentiate, H._gradient_graph
+    alive, failed = [], []
+
+    def failing(g, V, keep):
+        if keep and not failed:
+            failed.append(1)
+            raise OutOfMemory("CUDA out of memory (simulated)")
+        return differentiate(g, V, keep)
+
+    def recompute(x, y, state, count):
+        if not count:
+            alive.append(sum(r() is not None for r in refs))
+        return gradient_graph(x, y, state, count)
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with H.retaining():
+            H @ v
+            refs = [weakref.ref(g.grads[0]) for g in H._kept.graphs.values()]
+            monkeypatch.setattr(H, "_differentiate", failing)
+            monkeypatch.setattr(H, "_gradient_graph", recompute)
+            out = H @ v
+    finally:
+        if enabled:
+            gc.enable()
+    assert failed and alive and max(alive) == 0, alive
+    assert torch.equal(out, ref)

@@ -286,6 +286,7 @@ class HessianOperator(CurvatureOperator):
             if not kept.graphs:
                 raise
             out = None  # the kept graphs took the room this product needs: free them, keep no more
+            g = None  # this one too (kept, or made for this product)
         if out is None:
             kept.clear()
             kept.budget = 0
