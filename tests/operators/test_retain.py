@@ -410,3 +410,36 @@ def test_out_of_memory_frees_the_graph_being_differentiated_before_the_product_i
             gc.enable()
     assert failed and alive and max(alive) == 0, alive
     assert torch.equal(out, ref)
+
+
+def test_a_batch_halved_out_of_memory_keeps_its_pieces_under_the_keys_of_later_passes(monkeypatch):
+    """The data loop redoes a batch that ran out of memory in halves (and every later pass cuts it
+    so): the failed call is no piece, or the halves are kept one key late, later passes recompute
+    them and the last half's graph is held to the end unused."""
+    import warnings
+
+    from curvkit.model.kernels import OutOfMemory
+
+    model, batches, loss_fn = _problem(sizes=(8, 8, 6))
+    count = Forwards(model)
+    H = ck.hessian(model, loss_fn, batches)
+    v = randn(H.shape[0])
+    ref = ck.hessian(model, loss_fn, batches, retain_graphs=False) @ v
+    gradient_graph, failed = H._gradient_graph, []
+
+    def once(x, y, state, count):
+        if count and int(y.shape[0]) == 8 and not failed:
+            failed.append(1)
+            raise OutOfMemory("CUDA out of memory (simulated)")
+        return gradient_graph(x, y, state, count)
+
+    monkeypatch.setattr(H, "_gradient_graph", once)
+    with H.retaining(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        H @ v
+        assert failed and H.risk.max_batch == 4
+        start = count.n
+        out = H @ v
+        assert count.since(start) == 0
+        assert len(H._kept.graphs) == 6  # 4 + 4 + 4 + 4 + 4 + 2 examples
+    assert_close(out, ref)

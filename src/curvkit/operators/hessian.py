@@ -258,7 +258,13 @@ class HessianOperator(CurvatureOperator):
         last, piece = self._piece
         self._piece = (index, piece + 1 if index == last else 0)
         key = None if self._kept is None or self._graphs is not None else self._piece
-        return self._double_backward(x, y, V, key)
+        try:
+            return self._double_backward(x, y, V, key)
+        except BaseException:
+            # the data loop redoes a failed call (in halves out of memory, or on differentiable
+            # kernels): it was no piece, or what it redoes is kept one key late
+            self._piece = (last, piece)
+            raise
 
     def _double_backward(self, x: Any, y: Tensor, V: list[Tensor], key: tuple | None = None
                          ) -> tuple[list[Tensor], Tensor, Any]:
