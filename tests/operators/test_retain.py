@@ -443,3 +443,36 @@ def test_a_batch_halved_out_of_memory_keeps_its_pieces_under_the_keys_of_later_p
         assert count.since(start) == 0
         assert len(H._kept.graphs) == 6  # 4 + 4 + 4 + 4 + 4 + 2 examples
     assert_close(out, ref)
+
+
+def test_auto_inside_retaining_survives_running_out_of_memory_while_timing_kept_graphs(monkeypatch):
+    """method="auto" on CUDA times a kept graph on the slice (``_kept_seconds``) outside the data
+    loop's out-of-memory handling: where the slice's graph does not fit (double backward itself had
+    to halve it), the choice goes on as outside the context instead of failing the product. (CUDA
+    faked on the CPU: the choice's timing calls are no-ops.)"""
+    from types import SimpleNamespace
+
+    from curvkit.model.kernels import OutOfMemory
+
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: torch.zeros(16, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: SimpleNamespace(total_memory=2**40))
+    model, batches, loss_fn = _problem(sizes=(8, 8))
+    H = ck.hessian(model, loss_fn, batches, cuda_graphs=False, retain_graphs=2**30)
+    gradient_graph = H._gradient_graph
+
+    def tight(x, y, state, count):
+        if count and state is None:  # the kept graph timed on the slice
+            raise OutOfMemory("CUDA out of memory (simulated)")
+        return gradient_graph(x, y, state, count)
+
+    monkeypatch.setattr(H, "_gradient_graph", tight)
+    H.device = torch.device("cuda")  # _choose's test: the rest runs on the CPU
+    V = randn(H.shape[0], 2)
+    with H.retaining():
+        H._choose(V)
+    assert H.choice["chosen"] in ("double-backward", "forward-over-reverse")
+    assert "seconds_kept" not in H.choice["double-backward"]

@@ -172,7 +172,10 @@ class HessianOperator(CurvatureOperator):
             dbl = measure(dbl_fn, xs, ys)
             dbl["seconds"] *= V.shape[1]
             if self._kept is not None and self._kept.budget > 0:  # inside retaining(): later products reuse graphs
-                dbl["seconds_kept"] = self._kept_seconds(xs, ys, one, size) * V.shape[1]
+                try:
+                    dbl["seconds_kept"] = self._kept_seconds(xs, ys, one, size) * V.shape[1]
+                except OutOfMemory:  # the slice's graph does not fit to be kept (the loop cut it): as outside
+                    torch.cuda.empty_cache()
             if dbl["peak_bytes"] * size / dbl["examples"] > big:  # forward-over-reverse needs more still
                 return keep_double_backward(f"double backward alone needs over {LARGE:.0%} of the device's memory",
                                             **{"double-backward": dbl})
