@@ -8,7 +8,8 @@ later one, which saves about a third of each product (BENCHMARKS.md). The graphs
 batch's activations and the first backward's intermediates), so they are kept only inside
 :meth:`HessianOperator.retaining` (which the algorithms enter), only while they fit in a budget,
 and only while nothing they were computed from has changed: the model's parameters and buffers
-(their version counters and storage) and the batch itself (compared).
+and the loss's weights (their version counters and storage), the batch itself (its versions, and
+compared) and the tensors the graph saved; a forward that draws random numbers is not kept.
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ def free_memory(device: torch.device) -> float:
 
 class SavedBytes:
     """Counts the bytes autograd saves for backward while active (``saved_tensors_hooks``): the
-    memory a kept graph holds, on any device. Tensors that live anyway (the parameters, the batch)
-    and storages met before are not counted."""
+    memory a kept graph holds, on any device. Tensors that live anyway (the parameters and
+    buffers) and storages met before are not counted; the batch's saved tensors are (the graph
+    holds the batch, which a DataLoader's next pass would not)."""
 
     def __init__(self, exclude: list[Tensor]):
         self.seen = {_storage(t) for t in exclude}
