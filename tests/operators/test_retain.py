@@ -476,3 +476,24 @@ def test_auto_inside_retaining_survives_running_out_of_memory_while_timing_kept_
         H._choose(V)
     assert H.choice["chosen"] in ("double-backward", "forward-over-reverse")
     assert "seconds_kept" not in H.choice["double-backward"]
+
+
+def test_the_host_budget_respects_a_container_memory_limit(monkeypatch, tmp_path):
+    """In a container /proc/meminfo shows the host's memory: a quarter of it can pass the
+    container's own limit (its cgroup), where running out kills the process."""
+    from curvkit.operators import _retain
+
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(f"{2**30}\n")
+    usage.write_text(f"{3 * 2**28}\n")
+    monkeypatch.setattr(_retain, "CGROUP_FILES", ((str(limit), str(usage)),))
+    room = _retain.free_memory(torch.device("cpu"))
+    assert room == 2**28  # the limit less what the container uses (the host has more available)
+    model, batches, loss_fn = _problem()
+    H = ck.hessian(model, loss_fn, batches)
+    with H.retaining():
+        assert H._kept.budget == _retain.SHARE["cpu"] * 2**28
+    limit.write_text("max\n")  # no limit: the host's available memory
+    unlimited = _retain.free_memory(torch.device("cpu"))
+    monkeypatch.setattr(_retain, "CGROUP_FILES", ())
+    assert unlimited == _retain.free_memory(torch.device("cpu")) > 2**28

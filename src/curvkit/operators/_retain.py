@@ -128,12 +128,23 @@ def versions(tensors: list[Tensor]) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
+# a container's memory limit and use (cgroup v2, v1): /proc/meminfo shows the host's memory
+CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
 def free_memory(device: torch.device) -> float:
     """Bytes a run could still allocate: free device memory plus the caching allocator's unused
-    blocks on CUDA; the host's available memory otherwise (``MemAvailable``, else half the RAM)."""
+    blocks on CUDA; the host's available memory otherwise (``MemAvailable``, else half the RAM),
+    at most what the process's container (cgroup) may still use."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    room = _cgroup_room()
+    return _host_available() if room is None else min(_host_available(), room)
+
+
+def _host_available() -> float:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -145,6 +156,22 @@ def free_memory(device: torch.device) -> float:
         return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0.0
+
+
+def _cgroup_room() -> float | None:
+    """The container's memory limit less its use, or None where there is no limit to read."""
+    for limit, usage in CGROUP_FILES:
+        try:
+            with open(limit) as f:
+                text = f.read().strip()
+            if text == "max":
+                return None
+            with open(usage) as f:
+                used = int(f.read().strip())
+            return max(0.0, float(int(text) - used))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 class SavedBytes:

@@ -91,9 +91,9 @@ class HessianOperator(CurvatureOperator):
 
         Memory: the kept graphs (a batch's activations and the first backward's intermediates,
         for each batch kept), within ``retain_graphs`` bytes (``True``: 80% of the device memory free
-        on entry on CUDA, a quarter of the available host memory on the CPU; ``False`` or 0:
-        nothing is kept); batches past the budget are recomputed. Freed on
-        exit. A graph is used again only while the model's parameters and buffers (and the loss's
+        on entry on CUDA, a quarter of the available host memory on the CPU, within the container's
+        memory limit; ``False`` or 0: nothing is kept); batches past the budget are recomputed.
+        Freed on exit. A graph is used again only while the model's parameters and buffers (and the loss's
         weights) are unchanged and the batch holds the same values; out of memory, every kept graph
         is freed and the product recomputed. A forward that draws from torch's random streams is not
         kept (each product draws its own sample, as outside). Nested contexts share the outer one's
