@@ -309,7 +309,7 @@ class HessianOperator(CurvatureOperator):
         """The tensors the loss reads besides the model's (class weights, ``pos_weight``): the spec's
         and those of a loss module."""
         spec = self.risk.spec
-        found = [t for t in vars(spec).values() if isinstance(t, Tensor)]
+        found = [t for t in getattr(spec, "__dict__", {}).values() if isinstance(t, Tensor)]
         for m in (self.risk.loss_fn, getattr(spec, "fn", None)):
             if isinstance(m, nn.Module):
                 found += [*m.parameters(), *m.buffers()]
