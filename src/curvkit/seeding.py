@@ -29,7 +29,7 @@ def generator(seed: int | torch.Generator | None, device: torch.device | str = "
 def seed_int(seed: int | torch.Generator | None) -> int:
     """An int seed: ``seed`` itself, one drawn from a generator, or from fresh entropy for ``None``."""
     if isinstance(seed, torch.Generator):
-        return int(torch.randint(0, 2**62, (1,), generator=seed))
+        return int(torch.randint(0, 2**62, (1,), generator=seed, device=seed.device))
     if seed is None:
         return int(torch.Generator().seed() % 2**62)
     if isinstance(seed, bool) or not isinstance(seed, int):

@@ -117,3 +117,18 @@ def test_auto_inside_retaining_weighs_what_later_products_cost():
         torch.testing.assert_close(H @ V, ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(H @ V, ref, rtol=1e-5, atol=1e-6)
     assert H.choice["double-backward"]["seconds_kept"] > 0  # measured: what is compared is not asserted
+
+
+@needs_cuda
+def test_a_cuda_generator_seeds_draws_for_an_operator_elsewhere():
+    """Probes drawn where the operator is, from a generator seeded by one draw of the one given: a
+    CUDA generator for a CPU operator (its seed drawn on its own device), or one of another GPU."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    A = A @ A.T
+    out = ck.trace(A, probes=12, seed=torch.Generator(device="cuda").manual_seed(3))
+    assert out.matvecs == 12
+    if torch.cuda.device_count() > 1:
+        B = A.to("cuda:1")
+        res = ck.eigenvalues(B, k=2, tol=1e-10, seed=torch.Generator(device="cuda:0").manual_seed(3))
+        torch.testing.assert_close(res.values.cpu(), torch.linalg.eigvalsh(A)[-2:].flip(0), rtol=1e-8, atol=0)

@@ -252,3 +252,263 @@ def test_dense_and_lissa_run_one_forward_per_batch():
     start = count.n
     est._precondition(randn(2, H.shape[0]))  # two query gradients, one per row
     assert count.since(start) == len(batches)
+
+class _ScaledNet(nn.Module):
+    """An MLP whose hidden layer is scaled by a buffer (a mask, a temperature): the forward reads it
+    in either mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.register_buffer("scale", torch.ones(6))
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)) * self.scale)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_buffer_or_a_loss_weight_changed_in_place_is_recomputed(mode):
+    """Every tensor the loss reads may change inside a run: a buffer in train mode too (the model's
+    buffers are read, only BatchNorm's running statistics are not), and the loss's class weights."""
+    torch.manual_seed(0)
+    model = _ScaledNet().double()
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    loss_fn = nn.CrossEntropyLoss(weight=torch.ones(3, dtype=DT))
+    H = ck.hessian(model, loss_fn, (x, y), mode=mode)
+    v = randn(H.shape[0])
+    with H.retaining():
+        H @ v
+        model.scale.mul_(2.0)
+        after_buffer = H @ v
+        assert_close(after_buffer, ck.hessian(model, loss_fn, (x, y), mode=mode, retain_graphs=False) @ v)
+        loss_fn.weight.mul_(torch.tensor([1.0, 5.0, 1.0], dtype=DT))
+        after_weight = H @ v
+        assert_close(after_weight, ck.hessian(model, loss_fn, (x, y), mode=mode, retain_graphs=False) @ v)
+
+
+def test_a_batch_written_in_place_is_recomputed_even_where_the_data_loop_cannot_tell():
+    """The data loop's checksum reads the first 16 features of each example; a graph kept for a
+    batch must not outlive a write to the batch's tensors anywhere (their version counters)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 20, dtype=DT), torch.randint(0, 3, (8,))
+    H = ck.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    v = randn(H.shape[0])
+    with H.retaining():
+        H @ v
+        x[:, 18] += 1.0
+        after = H @ v
+    assert_close(after, ck.hessian(model, nn.CrossEntropyLoss(), (x, y), retain_graphs=False) @ v)
+
+
+class _WritesASavedTensor(nn.Module):
+    """Writes in place to a tensor autograd saved (sigmoid's output): its backward is refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.sigmoid(self.fc1(x))
+        out = self.fc2(h)
+        h.mul_(2.0)
+        return out
+
+
+def test_a_model_that_writes_a_saved_tensor_is_refused_inside_retaining_as_outside():
+    """Saved-tensor hooks turn off autograd's check of saved tensors' versions: the count keeps it,
+    or an algorithm would return wrong numbers where a product raises."""
+    torch.manual_seed(0)
+    model = _WritesASavedTensor().double()
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    H = ck.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        H @ randn(H.shape[0])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ck.power_iteration(H, max_matvecs=5)
+
+
+class _Masked(nn.Module):
+    """Reads a plain tensor attribute (not a buffer), which the product saves (``h * mask``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.mask = torch.ones(6, dtype=DT)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)) * self.mask)
+
+
+def test_a_kept_graph_whose_saved_tensor_was_written_since_is_made_again():
+    torch.manual_seed(0)
+    model = _Masked().double()
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    H = ck.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    v = randn(H.shape[0])
+    with H.retaining():
+        H @ v
+        model.mask[:3] = 0.5
+        after = H @ v
+        assert len(H._kept.graphs) == 1  # made again, and kept
+        assert torch.equal(H @ v, after)
+    assert_close(after, ck.hessian(model, nn.CrossEntropyLoss(), (x, y), retain_graphs=False) @ v)
+
+
+class _Noisy(nn.Module):
+    """Draws from torch's random stream in its forward (noise injection, a reparameterised sample)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h * (1 + 0.5 * torch.randn_like(h)))
+
+
+def test_a_forward_that_draws_random_numbers_is_not_kept():
+    """Each product of such a model draws its own sample: a kept graph would freeze the first one
+    (and leave the random stream where it was), so products inside differ from those outside."""
+    torch.manual_seed(0)
+    model = _Noisy().double()
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    H = ck.hessian(model, nn.CrossEntropyLoss(), (x, y))
+    v = randn(H.shape[0])
+    torch.manual_seed(5)
+    outside = [H @ v, H @ v]
+    torch.manual_seed(5)
+    with H.retaining():
+        inside = [H @ v, H @ v]
+        assert not H._kept.graphs
+    for a, b in zip(inside, outside):
+        assert torch.equal(a, b)
+
+
+def test_out_of_memory_frees_the_graph_being_differentiated_before_the_product_is_redone(monkeypatch):
+    """The graph whose re-differentiation ran out of memory is one of those freed: none may still be
+    alive while the product is recomputed."""
+    import gc
+    import weakref
+
+    from curvkit.model.kernels import OutOfMemory
+
+    model, batches, loss_fn = _problem()
+    H = ck.hessian(model, loss_fn, batches)
+    v = randn(H.shape[0])
+    ref = H @ v
+    differentiate, gradient_graph = H._differentiate, H._gradient_graph
+    alive, failed = [], []
+
+    def failing(g, V, keep):
+        if keep and not failed:
+            failed.append(1)
+            raise OutOfMemory("CUDA out of memory (simulated)")
+        return differentiate(g, V, keep)
+
+    def recompute(x, y, state, count):
+        if not count:
+            alive.append(sum(r() is not None for r in refs))
+        return gradient_graph(x, y, state, count)
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with H.retaining():
+            H @ v
+            refs = [weakref.ref(g.grads[0]) for g in H._kept.graphs.values()]
+            monkeypatch.setattr(H, "_differentiate", failing)
+            monkeypatch.setattr(H, "_gradient_graph", recompute)
+            out = H @ v
+    finally:
+        if enabled:
+            gc.enable()
+    assert failed and alive and max(alive) == 0, alive
+    assert torch.equal(out, ref)
+
+
+def test_a_batch_halved_out_of_memory_keeps_its_pieces_under_the_keys_of_later_passes(monkeypatch):
+    """The data loop redoes a batch that ran out of memory in halves (and every later pass cuts it
+    so): the failed call is no piece, or the halves are kept one key late, later passes recompute
+    them and the last half's graph is held to the end unused."""
+    import warnings
+
+    from curvkit.model.kernels import OutOfMemory
+
+    model, batches, loss_fn = _problem(sizes=(8, 8, 6))
+    count = Forwards(model)
+    H = ck.hessian(model, loss_fn, batches)
+    v = randn(H.shape[0])
+    ref = ck.hessian(model, loss_fn, batches, retain_graphs=False) @ v
+    gradient_graph, failed = H._gradient_graph, []
+
+    def once(x, y, state, count):
+        if count and int(y.shape[0]) == 8 and not failed:
+            failed.append(1)
+            raise OutOfMemory("CUDA out of memory (simulated)")
+        return gradient_graph(x, y, state, count)
+
+    monkeypatch.setattr(H, "_gradient_graph", once)
+    with H.retaining(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        H @ v
+        assert failed and H.risk.max_batch == 4
+        start = count.n
+        out = H @ v
+        assert count.since(start) == 0
+        assert len(H._kept.graphs) == 6  # 4 + 4 + 4 + 4 + 4 + 2 examples
+    assert_close(out, ref)
+
+
+def test_auto_inside_retaining_survives_running_out_of_memory_while_timing_kept_graphs(monkeypatch):
+    """method="auto" on CUDA times a kept graph on the slice (``_kept_seconds``) outside the data
+    loop's out-of-memory handling: where the slice's graph does not fit (double backward itself had
+    to halve it), the choice goes on as outside the context instead of failing the product. (CUDA
+    faked on the CPU: the choice's timing calls are no-ops.)"""
+    from types import SimpleNamespace
+
+    from curvkit.model.kernels import OutOfMemory
+
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: torch.zeros(16, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: SimpleNamespace(total_memory=2**40))
+    model, batches, loss_fn = _problem(sizes=(8, 8))
+    H = ck.hessian(model, loss_fn, batches, cuda_graphs=False, retain_graphs=2**30)
+    gradient_graph = H._gradient_graph
+
+    def tight(x, y, state, count):
+        if count and state is None:  # the kept graph timed on the slice
+            raise OutOfMemory("CUDA out of memory (simulated)")
+        return gradient_graph(x, y, state, count)
+
+    monkeypatch.setattr(H, "_gradient_graph", tight)
+    H.device = torch.device("cuda")  # _choose's test: the rest runs on the CPU
+    V = randn(H.shape[0], 2)
+    with H.retaining():
+        H._choose(V)
+    assert H.choice["chosen"] in ("double-backward", "forward-over-reverse")
+    assert "seconds_kept" not in H.choice["double-backward"]
+
+
+def test_the_host_budget_respects_a_container_memory_limit(monkeypatch, tmp_path):
+    """In a container /proc/meminfo shows the host's memory: a quarter of it can pass the
+    container's own limit (its cgroup), where running out kills the process."""
+    from curvkit.operators import _retain
+
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(f"{2**30}\n")
+    usage.write_text(f"{3 * 2**28}\n")
+    monkeypatch.setattr(_retain, "CGROUP_FILES", ((str(limit), str(usage)),))
+    room = _retain.free_memory(torch.device("cpu"))
+    assert room == 2**28  # the limit less what the container uses (the host has more available)
+    model, batches, loss_fn = _problem()
+    H = ck.hessian(model, loss_fn, batches)
+    with H.retaining():
+        assert H._kept.budget == _retain.SHARE["cpu"] * 2**28
+    limit.write_text("max\n")  # no limit: the host's available memory
+    unlimited = _retain.free_memory(torch.device("cpu"))
+    monkeypatch.setattr(_retain, "CGROUP_FILES", ())
+    assert unlimited == _retain.free_memory(torch.device("cpu")) > 2**28

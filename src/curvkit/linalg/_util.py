@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, NonFiniteError, ShapeError
-from ..linear_operator import BlockDiagonalOperator, LinearOperator
+from ..linear_operator import BlockDiagonalOperator, LinearOperator, same_device
 from ..seeding import generator, seed_int
 
 __all__ = ["check_square", "check_symmetric", "generator", "rademacher", "gaussian", "work_dtype", "apply",
@@ -72,8 +72,7 @@ def drawing_generator(gen: torch.Generator, device) -> torch.Generator:
     drawing 10^8 numbers on the host (1.4 s for 85M Gaussians, the cost of 1.5 Hessian products of
     an 85M-parameter transformer on an H200). A CUDA run thus draws other vectors than a CPU run
     with the same seed."""
-    device = torch.device(device)
-    if device.type == gen.device.type:
+    if same_device(device, gen.device):  # a generator of another GPU cannot draw on this one
         return gen
     return torch.Generator(device=device).manual_seed(seed_int(gen))
 

@@ -8,7 +8,8 @@ later one, which saves about a third of each product (BENCHMARKS.md). The graphs
 batch's activations and the first backward's intermediates), so they are kept only inside
 :meth:`HessianOperator.retaining` (which the algorithms enter), only while they fit in a budget,
 and only while nothing they were computed from has changed: the model's parameters and buffers
-(their version counters and storage) and the batch itself (compared).
+and the loss's weights (their version counters and storage), the batch itself (its versions, and
+compared) and the tensors the graph saved; a forward that draws random numbers is not kept.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..model.data import tensors_of
 
 # of the memory free when a run starts, the most its kept graphs may take by default: on CUDA an
 # out-of-memory error is caught (the product frees them all and goes on without); a host that runs
@@ -40,6 +43,11 @@ class Graph:
     loss: Tensor
     weight: Any
     nbytes: int = 0
+    batch: tuple = ()  # the batch's tensors' versions when the graph was made (:func:`batch_versions`)
+    random: bool = False  # its forward drew from torch's random streams: not one function, not kept
+
+    def __post_init__(self) -> None:
+        self.batch = batch_versions(self.x, self.y)
 
 
 @dataclass
@@ -56,7 +64,7 @@ class Kept:
         g = self.graphs.get(key)
         if g is None:
             return None
-        if g.state == state and same(g.x, x) and same(g.y, y):
+        if g.state == state and g.batch == batch_versions(g.x, g.y) and same(g.x, x) and same(g.y, y):
             return g
         self.drop(key)
         return None
@@ -95,17 +103,48 @@ def same(a: Any, b: Any) -> bool:
         return False
 
 
+def batch_versions(x: Any, y: Tensor) -> tuple:
+    """The version counters of a batch's tensors: a write in place to the batch (or to a tensor it
+    is a view of) changes them, where comparing the tensor with itself could not tell."""
+    return tuple(t._version for t in [*tensors_of(x), y])
+
+
+def rng_states(device: torch.device) -> list[Tensor]:
+    """The states of torch's default random streams a forward on ``device`` may draw from: a forward
+    that changes them (noise, a sample) computes another function at every product."""
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def drew(before: list[Tensor], device: torch.device) -> bool:
+    """Whether a random stream moved since ``before`` (:func:`rng_states`)."""
+    return not all(torch.equal(a, b) for a, b in zip(before, rng_states(device)))
+
+
 def versions(tensors: list[Tensor]) -> tuple:
     """What changes when a tensor is written in place (its version) or replaced (its storage)."""
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
+# a container's memory limit and use (cgroup v2, v1): /proc/meminfo shows the host's memory
+CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
 def free_memory(device: torch.device) -> float:
     """Bytes a run could still allocate: free device memory plus the caching allocator's unused
-    blocks on CUDA; the host's available memory otherwise (``MemAvailable``, else half the RAM)."""
+    blocks on CUDA; the host's available memory otherwise (``MemAvailable``, else half the RAM),
+    at most what the process's container (cgroup) may still use."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    room = _cgroup_room()
+    return _host_available() if room is None else min(_host_available(), room)
+
+
+def _host_available() -> float:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -119,17 +158,34 @@ def free_memory(device: torch.device) -> float:
         return 0.0
 
 
+def _cgroup_room() -> float | None:
+    """The container's memory limit less its use, or None where there is no limit to read."""
+    for limit, usage in CGROUP_FILES:
+        try:
+            with open(limit) as f:
+                text = f.read().strip()
+            if text == "max":
+                return None
+            with open(usage) as f:
+                used = int(f.read().strip())
+            return max(0.0, float(int(text) - used))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 class SavedBytes:
     """Counts the bytes autograd saves for backward while active (``saved_tensors_hooks``): the
-    memory a kept graph holds, on any device. Tensors that live anyway (the parameters, the batch)
-    and storages met before are not counted."""
+    memory a kept graph holds, on any device. Tensors that live anyway (the parameters and
+    buffers) and storages met before are not counted; the batch's saved tensors are (the graph
+    holds the batch, which a DataLoader's next pass would not)."""
 
     def __init__(self, exclude: list[Tensor]):
         self.seen = {_storage(t) for t in exclude}
         self.nbytes = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
 
-    def _pack(self, t: Tensor) -> Tensor:
+    def _pack(self, t: Tensor) -> tuple[Tensor, int]:
         key = _storage(t)
         if key is not None and key not in self.seen:
             self.seen.add(key)
@@ -137,7 +193,9 @@ class SavedBytes:
         # an alias without autograd history: the tensor itself would close a reference cycle for a
         # saved output (output -> its node -> saved output) that only the garbage collector breaks,
         # so a kept graph would outlive its release. Autograd restores the history on unpacking.
-        return t.detach()
+        # With hooks autograd no longer checks that a saved tensor is unchanged: its version is
+        # kept to check it on unpacking (:func:`_unpack`).
+        return t.detach(), t._version
 
     def __enter__(self) -> SavedBytes:
         self._hooks.__enter__()
@@ -145,6 +203,21 @@ class SavedBytes:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+
+
+class Stale(RuntimeError):
+    """A tensor a graph saved was written in place since: the check autograd makes without hooks."""
+
+
+def _unpack(packed: tuple[Tensor, int]) -> Tensor:
+    t, version = packed
+    if t._version != version:
+        raise Stale(
+            "one of the variables needed for gradient computation has been modified by an inplace "
+            f"operation: [{t.dtype}, {tuple(t.shape)}] is at version {t._version}; expected version "
+            f"{version} instead (a tensor saved for the backward was written in place after it was saved)"
+        )
+    return t
 
 
 def _storage(t: Any) -> tuple | None:

@@ -18,7 +18,7 @@ from ..model.kernels import OutOfMemory
 from ..model.params import ParamSpec
 from ..model.risk import Mode
 from ._graphs import GraphCache
-from ._retain import SHARE, Graph, Kept, SavedBytes, free_memory, versions
+from ._retain import SHARE, Graph, Kept, SavedBytes, Stale, drew, free_memory, rng_states, versions
 from .base import CurvatureOperator, transform_failed
 
 Method = Literal["auto", "forward-over-reverse", "double-backward"]
@@ -91,12 +91,13 @@ class HessianOperator(CurvatureOperator):
 
         Memory: the kept graphs (a batch's activations and the first backward's intermediates,
         for each batch kept), within ``retain_graphs`` bytes (``True``: 80% of the device memory free
-        on entry on CUDA, a quarter of the available host memory on the CPU; ``False`` or 0:
-        nothing is kept); batches past the budget are recomputed. Freed on
-        exit. A graph is used again only while the model's parameters and buffers are unchanged
-        and the batch holds the same values; out of memory, every kept graph is freed and the
-        product recomputed. Nested contexts share the outer one's graphs. Products by
-        forward-over-reverse, or replayed from a CUDA graph, are unaffected."""
+        on entry on CUDA, a quarter of the available host memory on the CPU, within the container's
+        memory limit; ``False`` or 0: nothing is kept); batches past the budget are recomputed.
+        Freed on exit. A graph is used again only while the model's parameters and buffers (and the loss's
+        weights) are unchanged and the batch holds the same values; out of memory, every kept graph
+        is freed and the product recomputed. A forward that draws from torch's random streams is not
+        kept (each product draws its own sample, as outside). Nested contexts share the outer one's
+        graphs. Products by forward-over-reverse, or replayed from a CUDA graph, are unaffected."""
         if self._kept is not None or self.retain_graphs is False:
             yield
             return
@@ -171,7 +172,10 @@ class HessianOperator(CurvatureOperator):
             dbl = measure(dbl_fn, xs, ys)
             dbl["seconds"] *= V.shape[1]
             if self._kept is not None and self._kept.budget > 0:  # inside retaining(): later products reuse graphs
-                dbl["seconds_kept"] = self._kept_seconds(xs, ys, one, size) * V.shape[1]
+                try:
+                    dbl["seconds_kept"] = self._kept_seconds(xs, ys, one, size) * V.shape[1]
+                except OutOfMemory:  # the slice's graph does not fit to be kept (the loop cut it): as outside
+                    torch.cuda.empty_cache()
             if dbl["peak_bytes"] * size / dbl["examples"] > big:  # forward-over-reverse needs more still
                 return keep_double_backward(f"double backward alone needs over {LARGE:.0%} of the device's memory",
                                             **{"double-backward": dbl})
@@ -257,7 +261,13 @@ class HessianOperator(CurvatureOperator):
         last, piece = self._piece
         self._piece = (index, piece + 1 if index == last else 0)
         key = None if self._kept is None or self._graphs is not None else self._piece
-        return self._double_backward(x, y, V, key)
+        try:
+            return self._double_backward(x, y, V, key)
+        except BaseException:
+            # the data loop redoes a failed call (in halves out of memory, or on differentiable
+            # kernels): it was no piece, or what it redoes is kept one key late
+            self._piece = (last, piece)
+            raise
 
     def _double_backward(self, x: Any, y: Tensor, V: list[Tensor], key: tuple | None = None
                          ) -> tuple[list[Tensor], Tensor, Any]:
@@ -267,18 +277,25 @@ class HessianOperator(CurvatureOperator):
         kept = self._kept if key is not None else None
         if kept is None:
             return self._differentiate(self._gradient_graph(x, y, None, count=False), V, keep=False)
-        state = versions([*self.model.parameters(), *(self.model.buffers() if self.risk.mode == "eval" else ())])
+        state = versions([*self.model.parameters(), *self.model.buffers(), *self._loss_tensors()])
         try:
             g = kept.take(key, x, y, state)
             fresh = g is None
             if fresh:
                 g = self._gradient_graph(x, y, state, count=True)
-            keep = not fresh or kept.fits(g.nbytes)
+            keep = not fresh or (kept.fits(g.nbytes) and not g.random)
             out = self._differentiate(g, V, keep)
+        except Stale:
+            if fresh:  # the model writes a tensor its own backward needs: refused, as without hooks
+                raise
+            g = None
+            kept.drop(key)  # a tensor the kept graph saved was written since (not one the state sees)
+            return self._double_backward(x, y, V, key)
         except OutOfMemory:
             if not kept.graphs:
                 raise
             out = None  # the kept graphs took the room this product needs: free them, keep no more
+            g = None  # this one too (kept, or made for this product)
         if out is None:
             kept.clear()
             kept.budget = 0
@@ -287,6 +304,16 @@ class HessianOperator(CurvatureOperator):
         if fresh and keep:
             kept.keep(key, g)
         return out
+
+    def _loss_tensors(self) -> list[Tensor]:
+        """The tensors the loss reads besides the model's (class weights, ``pos_weight``): the spec's
+        and those of a loss module."""
+        spec = self.risk.spec
+        found = [t for t in getattr(spec, "__dict__", {}).values() if isinstance(t, Tensor)]
+        for m in (self.risk.loss_fn, getattr(spec, "fn", None)):
+            if isinstance(m, nn.Module):
+                found += [*m.parameters(), *m.buffers()]
+        return found
 
     def _differentiate(self, g: Graph, V: list[Tensor], keep: bool) -> tuple[list[Tensor], Tensor, Any]:
         """``H V`` of the batch of ``g``: one backward through its graph per probe; ``keep``: leave
@@ -308,6 +335,7 @@ class HessianOperator(CurvatureOperator):
         params = {n: p.requires_grad_(True) for n, p in self.space.detached().items()}
         plist = list(params.values())
         saved = SavedBytes([*self.model.parameters(), *self.model.buffers()]) if count else contextlib.nullcontext()
+        rng = rng_states(self.device) if count else None
         with torch.enable_grad(), saved:
             out = self.risk.function()(params, x)
             loss = self.risk.loss(out, y)
@@ -316,7 +344,8 @@ class HessianOperator(CurvatureOperator):
             grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         nbytes = saved.nbytes + sum(g.untyped_storage().nbytes() for g in grads if g is not None) if count else 0
-        return Graph(x, y, state, grads, plist, live, loss.detach(), self.risk.weight(out, y), nbytes)
+        random = rng is not None and drew(rng, self.device)
+        return Graph(x, y, state, grads, plist, live, loss.detach(), self.risk.weight(out, y), nbytes, random=random)
 
 
 def hessian(model: nn.Module, loss_fn: Any, data: Any, params: ParamSpec = None, *, method: Method = "auto",
