@@ -1,6 +1,8 @@
 """Gradient graphs kept between Hessian products (``HessianOperator.retaining``): the same
 products, a forward saved per batch and product, and nothing reused that has changed."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,8 @@ from curvkit.errors import ArgumentError, DataError
 from curvkit.linear_operator import identity_like
 
 from cases import DT, assert_close, make_batches, make_loss, make_model, randn
+
+hess = __import__("sys").modules["curvkit.operators.hessian"]  # the module (ck.hessian is the function)
 
 
 class Forwards:
@@ -181,7 +185,6 @@ def test_out_of_memory_with_graphs_kept_frees_them_and_recomputes(monkeypatch):
     """Kept graphs must never cost a product: out of memory, they go and the product is redone."""
     from curvkit.model.kernels import OutOfMemory
 
-    hess = __import__("sys").modules["curvkit.operators.hessian"]
     model, batches, loss_fn = _problem()
     H = ck.hessian(model, loss_fn, batches)
     v = randn(H.shape[0])
@@ -460,14 +463,10 @@ def test_a_batch_halved_out_of_memory_keeps_its_pieces_under_the_keys_of_later_p
     assert_close(out, ref)
 
 
-def test_auto_inside_retaining_survives_running_out_of_memory_while_timing_kept_graphs(monkeypatch):
-    """method="auto" on CUDA times a kept graph on the slice (``_kept_seconds``) outside the data
-    loop's out-of-memory handling: where the slice's graph does not fit (double backward itself had
-    to halve it), the choice goes on as outside the context instead of failing the product. (CUDA
-    faked on the CPU: the choice's timing calls are no-ops.)"""
+def _fake_cuda(monkeypatch):
+    """Enough of torch.cuda for method="auto"'s choice to run on the CPU: its timing and memory
+    calls are no-ops (the operator's device is then set to "cuda" by hand)."""
     from types import SimpleNamespace
-
-    from curvkit.model.kernels import OutOfMemory
 
     for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
@@ -475,6 +474,52 @@ def test_auto_inside_retaining_survives_running_out_of_memory_while_timing_kept_
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: torch.zeros(16, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: SimpleNamespace(total_memory=2**40))
+
+
+def test_auto_remembers_its_choice_for_later_operators_of_the_model(monkeypatch):
+    """The measurement runs once per model, batch shape, probe count and context; a later
+    operator takes the choice (and says so). CUDA faked on the CPU, as below."""
+    _fake_cuda(monkeypatch)
+    model, batches, loss_fn = _problem(sizes=(8, 8))
+    measured = []
+    real = hess.HessianOperator._measure_choice
+
+    def counting(self, V):
+        measured.append(V.shape[1])
+        return real(self, V)
+
+    monkeypatch.setattr(hess.HessianOperator, "_measure_choice", counting)
+
+    def choose(data, k, retaining=False):
+        H = ck.hessian(model, loss_fn, data, cuda_graphs=False, retain_graphs=2**30)  # (no free memory to ask)
+        H.device = torch.device("cuda")
+        with H.retaining() if retaining else contextlib.nullcontext():
+            H._choose(randn(H.shape[0], k))
+        return H
+
+    first = choose(batches, 1)
+    again = choose(batches, 1)
+    assert measured == [1] and again.choice["cached"] and "cached" not in first.choice
+    assert (again.strategy, again.choice["chosen"]) == (first.strategy, first.choice["chosen"])
+    choose(batches, 3)  # another probe count
+    choose(batches, 1, retaining=True)  # products that keep graphs cost otherwise
+    choose(make_batches("layernorm", "ce", (4, 4)), 1)  # another batch shape
+    assert measured == [1, 3, 1, 1]
+    other = make_model("layernorm", seed=3)  # another model of the same shapes: its own measurement
+    H = ck.hessian(other, loss_fn, batches, cuda_graphs=False)
+    H.device = torch.device("cuda")
+    H._choose(randn(H.shape[0], 1))
+    assert measured == [1, 3, 1, 1, 1]
+
+
+def test_auto_inside_retaining_survives_running_out_of_memory_while_timing_kept_graphs(monkeypatch):
+    """method="auto" on CUDA times a kept graph on the slice (``_kept_seconds``) outside the data
+    loop's out-of-memory handling: where the slice's graph does not fit (double backward itself had
+    to halve it), the choice goes on as outside the context instead of failing the product. (CUDA
+    faked on the CPU: the choice's timing calls are no-ops.)"""
+    from curvkit.model.kernels import OutOfMemory
+
+    _fake_cuda(monkeypatch)
     model, batches, loss_fn = _problem(sizes=(8, 8))
     H = ck.hessian(model, loss_fn, batches, cuda_graphs=False, retain_graphs=2**30)
     gradient_graph = H._gradient_graph

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -26,6 +27,9 @@ Method = Literal["auto", "forward-over-reverse", "double-backward"]
 # is memory-bound: forward-over-reverse's shared forward no longer pays for its tangents (85M GPT,
 # 10 probes: 16.6 s and 108 GiB against double backward's 15.5 s and 31 GiB, BENCHMARKS.md)
 LARGE = 0.25
+# method="auto"'s choices, per model, for every later operator of the process with the same
+# parameters, batch shape, probe count and context (a model that goes away takes its entries)
+_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class HessianOperator(CurvatureOperator):
@@ -39,7 +43,9 @@ class HessianOperator(CurvatureOperator):
     and keeps the faster, or the one that needs less memory when they are within 10% of each
     other, and double backward wherever a product's memory would pass a quarter of the device
     (large models, where double backward needs about 0.6x the memory): :attr:`choice` holds the
-    measurement and :attr:`strategy` says which runs. Models that ``vmap`` cannot batch fall back to one probe at
+    measurement and :attr:`strategy` says which runs. The choice is remembered for the process: a
+    later operator of the same model, parameters, batch shape and probe count takes it without
+    measuring (``choice["cached"]``). Models that ``vmap`` cannot batch fall back to one probe at
     a time, and models without forward-mode derivatives to double backward; every path gives the
     same matrix. ``method`` forces one.
 
@@ -135,6 +141,29 @@ class HessianOperator(CurvatureOperator):
             self.strategy = "double-backward"
             self.choice = {"chosen": "double-backward", "why": "the CPU: no transform overhead"}
             return
+        key = self._choice_key(V)
+        known = _CHOICES.get(self.model, {}).get(key)
+        if known is not None:  # measured for an operator of this model and batch shape before
+            self.strategy, self.choice = known[0], {**known[1], "cached": True}
+            if self.strategy == "double-backward":
+                self._graphs = None
+            return
+        self._measure_choice(V)
+        _CHOICES.setdefault(self.model, {})[key] = (self.strategy, dict(self.choice))
+
+    def _choice_key(self, V: Tensor) -> tuple:
+        """What the choice depends on: the parameters' shapes and dtypes, the device, the first
+        batch's shapes, the probes, the mode and loss, the kernels in use, CUDA graphs on or off and
+        whether products keep graphs (and may keep them all)."""
+        _, x, y = next(iter(self.risk.pieces()))
+        shapes = tuple((t.shape, t.dtype) for t in (x.values() if isinstance(x, dict) else [x]) if isinstance(t, Tensor))
+        kept = None if self._kept is None else self._kept.budget > 0
+        return (tuple(self.param_names), tuple(self.space.shapes), self.dtype, str(self.device), shapes,
+                (y.shape, y.dtype), V.shape[1], self.risk.mode, type(self.risk.spec).__name__,
+                frozenset(self.risk.safe_kernels), self._graphs is not None, kept, self.risk.max_batch)
+
+    def _measure_choice(self, V: Tensor) -> None:
+        """:meth:`_choose`'s measurement on CUDA (the first operator of a model and batch shape)."""
         i, x, y = next(iter(self.risk.pieces()))
         size = int(y.shape[0])
         (xw, yw), (xs, ys) = (split_batch(x, y, n)[0] for n in (min(size, 2), max(min(size, 2), size // 4)))
