@@ -484,9 +484,9 @@ def test_auto_remembers_its_choice_for_later_operators_of_the_model(monkeypatch)
     measured = []
     real = hess.HessianOperator._measure_choice
 
-    def counting(self, V):
+    def counting(self, V, first):
         measured.append(V.shape[1])
-        return real(self, V)
+        return real(self, V, first)
 
     monkeypatch.setattr(hess.HessianOperator, "_measure_choice", counting)
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, jvp, vmap
 
 from ..errors import ArgumentError
-from ..model.data import split_batch
+from ..model.data import split_batch, tensors_of
 from ..model.kernels import OutOfMemory
 from ..model.params import ParamSpec
 from ..model.risk import Mode
@@ -141,30 +141,32 @@ class HessianOperator(CurvatureOperator):
             self.strategy = "double-backward"
             self.choice = {"chosen": "double-backward", "why": "the CPU: no transform overhead"}
             return
-        key = self._choice_key(V)
+        first = next(iter(self.risk.pieces()))  # read once: a DataLoader loads a batch for it
+        key = self._choice_key(V, first)
         known = _CHOICES.get(self.model, {}).get(key)
         if known is not None:  # measured for an operator of this model and batch shape before
             self.strategy, self.choice = known[0], {**known[1], "cached": True}
             if self.strategy == "double-backward":
                 self._graphs = None
             return
-        self._measure_choice(V)
+        self._measure_choice(V, first)
         _CHOICES.setdefault(self.model, {})[key] = (self.strategy, dict(self.choice))
 
-    def _choice_key(self, V: Tensor) -> tuple:
+    def _choice_key(self, V: Tensor, first: tuple[int, Any, Tensor]) -> tuple:
         """What the choice depends on: the parameters' shapes and dtypes, the device, the first
         batch's shapes, the probes, the mode and loss, the kernels in use, CUDA graphs on or off and
         whether products keep graphs (and may keep them all)."""
-        _, x, y = next(iter(self.risk.pieces()))
-        shapes = tuple((t.shape, t.dtype) for t in (x.values() if isinstance(x, dict) else [x]) if isinstance(t, Tensor))
+        _, x, y = first
+        shapes = tuple((t.shape, t.dtype) for t in tensors_of(x))
         kept = None if self._kept is None else self._kept.budget > 0
         return (tuple(self.param_names), tuple(self.space.shapes), self.dtype, str(self.device), shapes,
                 (y.shape, y.dtype), V.shape[1], self.risk.mode, type(self.risk.spec).__name__,
                 frozenset(self.risk.safe_kernels), self._graphs is not None, kept, self.risk.max_batch)
 
-    def _measure_choice(self, V: Tensor) -> None:
-        """:meth:`_choose`'s measurement on CUDA (the first operator of a model and batch shape)."""
-        i, x, y = next(iter(self.risk.pieces()))
+    def _measure_choice(self, V: Tensor, first: tuple[int, Any, Tensor]) -> None:
+        """:meth:`_choose`'s measurement on CUDA (the first operator of a model and batch shape) on
+        the data's first piece ``first``."""
+        i, x, y = first
         size = int(y.shape[0])
         (xw, yw), (xs, ys) = (split_batch(x, y, n)[0] for n in (min(size, 2), max(min(size, 2), size // 4)))
         probes = self.space.probes(V)
@@ -243,10 +245,7 @@ class HessianOperator(CurvatureOperator):
         t_again = float("inf")
         for last in (False, True):
             t0 = time.perf_counter()
-            if g.live:
-                with torch.enable_grad():
-                    torch.autograd.grad([g.grads[i] for i in g.live], g.params, [V[i][0] for i in g.live],
-                                        retain_graph=not last, allow_unused=True)
+            self._differentiate(g, V, keep=not last)
             torch.cuda.synchronize()
             t_again = min(t_again, time.perf_counter() - t0)
         sizes = self.risk.batches.sizes
