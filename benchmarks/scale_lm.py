@@ -276,6 +276,7 @@ def main() -> None:
                         lambda r: {"products": r.matvecs, "value": float(r.values[0]), "err": err(float(r.values[0])),
                                    "residual": float(r.residuals[0]), "converged": r.converged,
                                    "chosen": (ops["H"].choice or {}).get("chosen"),
+                                   "why": (ops["H"].choice or {}).get("why", "")[:60],
                                    "seconds_kept": (ops["H"].choice or {}).get("double-backward", {}).get("seconds_kept")})
             ops.clear()
             if r is not None:  # the reported residual against a direct product
@@ -289,11 +290,19 @@ def main() -> None:
                     lambda: ck.eigenvalues(ck.hessian(model, lm_loss, data), k=1, tol=1e-2), device, None,
                     lambda r: {"products": r.matvecs, "value": float(r.values[0]), "err": err(float(r.values[0])),
                                "residual": float(r.residuals[0]), "converged": r.converged})
-            if args.lean:
-                measure(rows, size, "top1", "curvkit eigenvalues k=1 tol 1e-3, retain_graphs=False",
-                        lambda: ck.eigenvalues(ck.hessian(model, lm_loss, data, retain_graphs=False), k=1, tol=1e-3),
-                        device, None, lambda r: {"products": r.matvecs, "value": float(r.values[0]),
-                                                 "err": err(float(r.values[0])), "converged": r.converged})
+            if args.lean:  # memory first: no kept graphs; then also half-batch passes (max_batch)
+                for mb in (None, max(1, args.batch // 2)):
+                    def lean(mb=mb):
+                        ops["H"] = ck.hessian(model, lm_loss, data, retain_graphs=False, max_batch=mb)
+                        return ck.eigenvalues(ops["H"], k=1, tol=1e-3)
+
+                    measure(rows, size, "top1", "curvkit eigenvalues k=1 tol 1e-3, retain_graphs=False"
+                            + (f", max_batch={mb}" if mb else ""), lean, device, None,
+                            lambda r: {"products": r.matvecs, "value": float(r.values[0]),
+                                       "err": err(float(r.values[0])), "converged": r.converged,
+                                       "chosen": (ops["H"].choice or {}).get("chosen"),
+                                       "why": (ops["H"].choice or {}).get("why", "")[:60]})
+                    ops.clear()
             if args.bf16:
                 mb = copy.deepcopy(model).to(torch.bfloat16)
                 measure(rows, size, "top1", "curvkit eigenvalues k=1 tol 1e-2, bf16 model",
@@ -338,6 +347,7 @@ def main() -> None:
             rows.append({"size": "hf-gpt2", "error": f"{type(e).__name__}: {str(e)[:300]}"})
     out = args.json or (os.path.join(os.environ["OUT"], "scale_lm.json") if os.environ.get("OUT") else None)
     if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(info, indent=1, default=str))
 
 
