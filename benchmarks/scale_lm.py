@@ -277,8 +277,6 @@ def main() -> None:
                                    "residual": float(r.residuals[0]), "converged": r.converged,
                                    "chosen": (ops["H"].choice or {}).get("chosen"),
                                    "why": (ops["H"].choice or {}).get("why", "")[:60],
-                                   "whole_batch": {a: (ops["H"].choice or {}).get("double-backward", {})
-                                                   .get("whole_batch", {}).get(a) for a in ("queued_seconds", "seconds")},
                                    "seconds_kept": (ops["H"].choice or {}).get("double-backward", {}).get("seconds_kept")})
             ops.clear()
             if r is not None:  # the reported residual against a direct product

@@ -513,7 +513,7 @@ def test_auto_remembers_its_choice_for_later_operators_of_the_model(monkeypatch)
 
 
 def test_auto_takes_double_backward_unmeasured_for_one_probe_where_the_gpu_bounds_it(monkeypatch):
-    """For one probe both methods make the same matrix products: where the host queues a batch's
+    """For one probe both methods make the same matrix products: where the host queues the slice's
     double backward well before the GPU finishes it, no CUDA graph can make forward-over-reverse
     faster, and it is not measured. Where the host is the bottleneck, or for several probes (which
     forward-over-reverse shares a forward for), it is. (CUDA faked on the CPU; the GPU's time is a
@@ -536,8 +536,8 @@ def test_auto_takes_double_backward_unmeasured_for_one_probe_where_the_gpu_bound
     hess._CHOICES.clear()
     H = choose(1, 0.05)
     assert H.strategy == "double-backward" and "GPU" in H.choice["why"] and transforms == []
-    whole = H.choice["double-backward"]["whole_batch"]  # judged on a whole batch, not the slice
-    assert whole["examples"] == 8 and whole["queued_seconds"] < hess.GPU_BOUND * whole["seconds"]
+    dbl = H.choice["double-backward"]
+    assert dbl["queued_seconds"] < hess.GPU_BOUND * dbl["seconds"]
     hess._CHOICES.clear()
     choose(2, 0.05)  # two probes: forward-over-reverse shares their forward, so it is measured
     assert transforms and set(transforms) == {2}

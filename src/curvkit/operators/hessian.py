@@ -27,7 +27,7 @@ Method = Literal["auto", "forward-over-reverse", "double-backward"]
 # is memory-bound: forward-over-reverse's shared forward no longer pays for its tangents (85M GPT,
 # 10 probes: 16.6 s and 108 GiB against double backward's 15.5 s and 31 GiB, BENCHMARKS.md)
 LARGE = 0.25
-# a batch's double backward that the host queued in under this share of its time is GPU-bound:
+# a slice's double backward that the host queued in under this share of its time is GPU-bound:
 # for one probe, forward-over-reverse makes the same matrix products (9 per linear layer) and its
 # CUDA graph saves only launches, so it is not measured (at 85M it cost ~1.5 s and its captured
 # graph 5-8 GiB of peak memory, BENCHMARKS.md)
@@ -48,8 +48,8 @@ class HessianOperator(CurvatureOperator):
     and keeps the faster, or the one that needs less memory when they are within 10% of each
     other, and double backward wherever a product's memory would pass a quarter of the device
     (large models, where double backward needs about 0.6x the memory) or, for one probe, where the
-    GPU rather than the host bounds the first batch's double backward (the same matrix products,
-    less memory): :attr:`choice` holds the
+    GPU rather than the host bounds the slice's double backward (the same matrix products, less
+    memory): :attr:`choice` holds the
     measurement and :attr:`strategy` says which runs. The choice is remembered for the process: a
     later operator of the same model, parameters, batch shape and probe count takes it without
     measuring (``choice["cached"]``). Models that ``vmap`` cannot batch fall back to one probe at
@@ -143,9 +143,9 @@ class HessianOperator(CurvatureOperator):
         memory: those products are memory-bound, and forward-over-reverse's tangents cost more
         than its shared forward saves (and a slice that small under-states that). An
         out-of-memory error in forward-over-reverse decides for double backward too, and for one
-        probe, so does a first batch whose double backward the GPU bounds (the host queued it in
-        under :data:`GPU_BOUND` of its time; a slice's kernels can be too small to show it):
-        forward-over-reverse is then not measured. Cost on CUDA: about two batch products, once."""
+        probe, so does a slice whose double backward the GPU bounds (the host queued it in under
+        :data:`GPU_BOUND` of its time): forward-over-reverse is then not measured. Cost on CUDA:
+        about one batch product, once (a quarter of one where forward-over-reverse is not measured)."""
         if self.device.type != "cuda":
             self.strategy = "double-backward"
             self.choice = {"chosen": "double-backward", "why": "the CPU: no transform overhead"}
@@ -211,6 +211,12 @@ class HessianOperator(CurvatureOperator):
         with self.risk.in_mode():
             measure(dbl_fn, xw, yw)  # warm-up: first-call costs (kernel choice, workspaces) out of the timing
             dbl = measure(dbl_fn, xs, ys)
+            if V.shape[1] == 1 and dbl["queued_seconds"] < GPU_BOUND * dbl["seconds"]:
+                return keep_double_backward(
+                    "the GPU, not the host, bounds a product (the host queued the slice's double backward in "
+                    f"{dbl['queued_seconds']:.3f} of its {dbl['seconds']:.3f} s): for one probe both methods make "
+                    "the same matrix products and a CUDA graph cannot shorten them, and double backward "
+                    "needs less memory", **{"double-backward": dbl})
             dbl["seconds"] *= V.shape[1]
             if self._kept is not None and self._kept.budget > 0:  # inside retaining(): later products reuse graphs
                 try:
@@ -220,15 +226,6 @@ class HessianOperator(CurvatureOperator):
             if dbl["peak_bytes"] * size / dbl["examples"] > big:  # forward-over-reverse needs more still
                 return keep_double_backward(f"double backward alone needs over {LARGE:.0%} of the device's memory",
                                             **{"double-backward": dbl})
-            if V.shape[1] == 1:  # on the whole batch: a slice's kernels can be too small to keep the GPU busy
-                whole = measure(dbl_fn, x, y)
-                dbl["whole_batch"] = whole
-                if whole["queued_seconds"] < GPU_BOUND * whole["seconds"]:
-                    return keep_double_backward(
-                        "the GPU bounds a product (the host queued a batch's double backward in "
-                        f"{whole['queued_seconds']:.3f} of its {whole['seconds']:.3f} s): for one probe "
-                        "forward-over-reverse makes the same matrix products, and needs more memory",
-                        **{"double-backward": dbl})
             try:
                 first = measure(fwd_fn, *((xs, ys) if graphs is not None else (xw, yw)), halve=False)
                 fwd = None
