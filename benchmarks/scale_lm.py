@@ -290,14 +290,15 @@ def main() -> None:
                     lambda: ck.eigenvalues(ck.hessian(model, lm_loss, data), k=1, tol=1e-2), device, None,
                     lambda r: {"products": r.matvecs, "value": float(r.values[0]), "err": err(float(r.values[0])),
                                "residual": float(r.residuals[0]), "converged": r.converged})
-            if args.lean:  # memory first: no kept graphs; then also half-batch passes (max_batch)
-                for mb in (None, max(1, args.batch // 2)):
-                    def lean(mb=mb):
-                        ops["H"] = ck.hessian(model, lm_loss, data, retain_graphs=False, max_batch=mb)
+            if args.lean:  # memory first: no kept graphs, double backward, then half-batch passes too
+                for method, mb in (("auto", None), ("double-backward", None), ("double-backward", max(1, args.batch // 2))):
+                    def lean(method=method, mb=mb):
+                        ops["H"] = ck.hessian(model, lm_loss, data, retain_graphs=False, method=method, max_batch=mb)
                         return ck.eigenvalues(ops["H"], k=1, tol=1e-3)
 
                     measure(rows, size, "top1", "curvkit eigenvalues k=1 tol 1e-3, retain_graphs=False"
-                            + (f", max_batch={mb}" if mb else ""), lean, device, None,
+                            + (f", {method}" if method != "auto" else "") + (f", max_batch={mb}" if mb else ""),
+                            lean, device, None,
                             lambda r: {"products": r.matvecs, "value": float(r.values[0]),
                                        "err": err(float(r.values[0])), "converged": r.converged,
                                        "chosen": (ops["H"].choice or {}).get("chosen"),

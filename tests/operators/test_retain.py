@@ -139,6 +139,29 @@ def test_budget_limits_the_graphs_kept():
         ck.hessian(model, loss_fn, batches, retain_graphs=-1)
 
 
+def test_by_default_the_graphs_are_kept_all_or_none(monkeypatch):
+    """retain_graphs=True keeps the graphs only if every batch's fits (judged from the first):
+    a budget for two of three keeps none, where the same number of bytes given keeps two."""
+    from curvkit.operators import _retain
+
+    model, batches, loss_fn = _problem(sizes=(6, 6, 6))
+    v = randn(ck.hessian(model, loss_fn, batches).shape[0])
+    H = ck.hessian(model, loss_fn, batches, retain_graphs=2**40)
+    with H.retaining():
+        H @ v
+        per = max(g.nbytes for g in H._kept.graphs.values())
+    count = Forwards(model)
+    for room, kept in ((3.5 * per, 3), (2.5 * per, 0)):
+        monkeypatch.setattr(hess, "free_memory", lambda device, room=room: room / _retain.SHARE["cpu"])
+        for budget, expect in ((True, kept), (int(room), int(room // per))):
+            H = ck.hessian(model, loss_fn, batches, retain_graphs=budget)
+            with H.retaining():
+                H @ v
+                start = count.n
+                H @ v
+                assert count.since(start) == 3 - expect, (room, budget)
+
+
 def test_the_graph_memory_counted_is_what_autograd_saves():
     """The count is the saved tensors' storages plus the gradients, each storage once: for a linear
     model with MSE it is the batch's output error and the gradient (the input is the batch)."""

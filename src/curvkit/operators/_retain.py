@@ -52,9 +52,15 @@ class Graph:
 
 @dataclass
 class Kept:
-    """The graphs kept in one run, by the batch piece they belong to, within ``budget`` bytes."""
+    """The graphs kept in one run, by the batch piece they belong to, within ``budget`` bytes.
+    ``examples``: all or none. The data's examples, when the graphs are kept only if all of them
+    fit (``retain_graphs=True``): the first graph's bytes per example over them must fit the
+    budget, else none is kept in this run. A partial keep puts every fresh product's working
+    memory on top of the kept graphs for a fraction of the saving (a 709M GPT on an H200, one of
+    four graphs kept: top-1 took 44.1 s and 135 GiB, against 39.4 s and 78 GiB keeping none)."""
 
     budget: float
+    examples: int | None = None
     held: int = 0
     graphs: dict[tuple, Graph] = field(default_factory=dict)
 
@@ -69,8 +75,18 @@ class Kept:
         self.drop(key)
         return None
 
-    def fits(self, nbytes: int) -> bool:
+    def fits(self, nbytes: int, examples: int) -> bool:
+        """Whether a graph of ``nbytes`` for ``examples`` examples may be kept."""
+        if self.examples is not None and not self.graphs and self.held == 0 and self.budget > 0:
+            if self.projected(nbytes / max(examples, 1)) < self.examples:
+                self.budget = 0  # not all would fit: keep none in this run
         return self.held + nbytes <= self.budget
+
+    def projected(self, per_example: float) -> int:
+        """The examples whose graphs fit the budget at ``per_example`` bytes each (all or none when
+        ``examples`` is set)."""
+        n = int(self.budget // max(per_example, 1e-300))
+        return 0 if self.examples is not None and n < self.examples else n
 
     def keep(self, key: tuple, g: Graph) -> None:
         self.graphs[key] = g

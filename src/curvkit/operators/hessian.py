@@ -103,9 +103,15 @@ class HessianOperator(CurvatureOperator):
         instead of recomputing the forward and the first backward.
 
         Memory: the kept graphs (a batch's activations and the first backward's intermediates,
-        for each batch kept), within ``retain_graphs`` bytes (``True``: 80% of the device memory free
-        on entry on CUDA, a quarter of the available host memory on the CPU, within the container's
-        memory limit; ``False`` or 0: nothing is kept); batches past the budget are recomputed.
+        for each batch kept), within ``retain_graphs``:
+
+        - ``True``: 80% of the device memory free on entry on CUDA, a quarter of the available host
+          memory on the CPU (within the container's memory limit), and all or none: the graphs are
+          kept only if every batch's fits, judged from the first (a partial keep adds the fresh
+          products' working memory to the kept graphs for a fraction of the saving);
+        - a number of bytes: as many graphs as fit, the other batches recomputed;
+        - ``False`` or 0: nothing is kept.
+
         Freed on exit. A graph is used again only while the model's parameters and buffers (and the loss's
         weights) are unchanged and the batch holds the same values; out of memory, every kept graph
         is freed and the product recomputed. A forward that draws from torch's random streams is not
@@ -116,7 +122,7 @@ class HessianOperator(CurvatureOperator):
             return
         share = SHARE["cuda" if self.device.type == "cuda" else "cpu"]
         budget = share * free_memory(self.device) if self.retain_graphs is True else float(self.retain_graphs)
-        self._kept = Kept(budget)
+        self._kept = Kept(budget, self.risk.batches.num_data if self.retain_graphs is True else None)
         try:
             yield
         finally:
@@ -220,7 +226,7 @@ class HessianOperator(CurvatureOperator):
             dbl["seconds"] *= V.shape[1]
             if self._kept is not None and self._kept.budget > 0:  # inside retaining(): later products reuse graphs
                 try:
-                    dbl["seconds_kept"] = self._kept_seconds(xs, ys, one, size) * V.shape[1]
+                    dbl["seconds_kept"] = self._kept_seconds(xs, ys, one) * V.shape[1]
                 except OutOfMemory:  # the slice's graph does not fit to be kept (the loop cut it): as outside
                     torch.cuda.empty_cache()
             if dbl["peak_bytes"] * size / dbl["examples"] > big:  # forward-over-reverse needs more still
@@ -249,11 +255,11 @@ class HessianOperator(CurvatureOperator):
             return keep_double_backward(**measured)
         self.choice = {**measured, "chosen": "forward-over-reverse"}
 
-    def _kept_seconds(self, x: Any, y: Tensor, V: list[Tensor], size: int) -> float:
+    def _kept_seconds(self, x: Any, y: Tensor, V: list[Tensor]) -> float:
         """What a double-backward product of the slice ``(x, y)`` costs inside :meth:`retaining`
         once graphs are kept: re-differentiating a kept graph (the faster of two runs) for the
-        batches whose graphs fit in the budget (the slice's graph memory scaled to whole batches),
-        a whole product for the rest. Cost: one slice product and two more backwards."""
+        examples whose graphs fit in the budget (the slice's graph memory per example; all or none
+        for ``retain_graphs=True``), a whole product for the rest. Cost: one slice product and two more backwards."""
         t0 = time.perf_counter()
         g = self._gradient_graph(x, y, None, count=True)
         torch.cuda.synchronize()
@@ -264,10 +270,8 @@ class HessianOperator(CurvatureOperator):
             self._differentiate(g, V, keep=not last)
             torch.cuda.synchronize()
             t_again = min(t_again, time.perf_counter() - t0)
-        sizes = self.risk.batches.sizes
-        per_batch = g.nbytes * size / max(int(y.shape[0]), 1)
-        kept = min(len(sizes), int(self._kept.budget // max(per_batch, 1.0)))
-        return t_again + t_graph * (len(sizes) - kept) / len(sizes)
+        share = min(1.0, self._kept.projected(g.nbytes / max(int(y.shape[0]), 1)) / self.risk.batches.num_data)
+        return t_again + t_graph * (1 - share)
 
     def _batch_matmat(self, x: Any, y: Tensor, V: list[Tensor], index: int) -> tuple[list[Tensor], Tensor, Any]:
         names, k, risk = self.param_names, V[0].shape[0], self.risk
@@ -327,7 +331,7 @@ class HessianOperator(CurvatureOperator):
             fresh = g is None
             if fresh:
                 g = self._gradient_graph(x, y, state, count=True)
-            keep = not fresh or (kept.fits(g.nbytes) and not g.random)
+            keep = not fresh or (kept.fits(g.nbytes, int(y.shape[0])) and not g.random)
             out = self._differentiate(g, V, keep)
         except Stale:
             if fresh:  # the model writes a tensor its own backward needs: refused, as without hooks
