@@ -535,40 +535,6 @@ def test_auto_remembers_its_choice_for_later_operators_of_the_model(monkeypatch)
     assert measured == [1, 3, 1, 1, 1]
 
 
-def test_auto_takes_double_backward_unmeasured_for_one_probe_where_the_gpu_bounds_it(monkeypatch):
-    """For one probe both methods make the same matrix products: where the host queues the slice's
-    double backward well before the GPU finishes it, no CUDA graph can make forward-over-reverse
-    faster, and it is not measured. Where the host is the bottleneck, or for several probes (which
-    forward-over-reverse shares a forward for), it is. (CUDA faked on the CPU; the GPU's time is a
-    sleep in synchronize.)"""
-    import time
-
-    _fake_cuda(monkeypatch)
-    model, batches, loss_fn = _problem(sizes=(8, 8))
-    transforms = []
-
-    def choose(k, gpu_seconds):
-        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **kw: time.sleep(gpu_seconds))
-        H = ck.hessian(model, loss_fn, batches, cuda_graphs=False)
-        H.device = torch.device("cuda")
-        weighted = H._weighted
-        monkeypatch.setattr(H, "_weighted", lambda *a: transforms.append(k) or weighted(*a))
-        H._choose(randn(H.shape[0], k))
-        return H
-
-    hess._CHOICES.clear()
-    H = choose(1, 0.05)
-    assert H.strategy == "double-backward" and "GPU" in H.choice["why"] and transforms == []
-    dbl = H.choice["double-backward"]
-    assert dbl["queued_seconds"] < hess.GPU_BOUND * dbl["seconds"]
-    hess._CHOICES.clear()
-    choose(2, 0.05)  # two probes: forward-over-reverse shares their forward, so it is measured
-    assert transforms and set(transforms) == {2}
-    hess._CHOICES.clear()
-    H = choose(1, 0.0)  # the host bounds it: measured
-    assert transforms.count(1) >= 1 and "forward-over-reverse" in H.choice
-
-
 def test_auto_inside_retaining_survives_running_out_of_memory_while_timing_kept_graphs(monkeypatch):
     """method="auto" on CUDA times a kept graph on the slice (``_kept_seconds``) outside the data
     loop's out-of-memory handling: where the slice's graph does not fit (double backward itself had

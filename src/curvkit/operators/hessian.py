@@ -27,11 +27,6 @@ Method = Literal["auto", "forward-over-reverse", "double-backward"]
 # is memory-bound: forward-over-reverse's shared forward no longer pays for its tangents (85M GPT,
 # 10 probes: 16.6 s and 108 GiB against double backward's 15.5 s and 31 GiB, BENCHMARKS.md)
 LARGE = 0.25
-# a slice's double backward that the host queued in under this share of its time is GPU-bound:
-# for one probe, forward-over-reverse makes the same matrix products (9 per linear layer) and its
-# CUDA graph saves only launches, so it is not measured (at 85M it cost ~1.5 s and its captured
-# graph 5-8 GiB of peak memory, BENCHMARKS.md)
-GPU_BOUND = 0.5
 # method="auto"'s choices, per model, for every later operator of the process with the same
 # parameters, batch shape, probe count and context (a model that goes away takes its entries)
 _CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -47,9 +42,7 @@ class HessianOperator(CurvatureOperator):
     measures both on a quarter of the first batch of the first product (time and peak memory)
     and keeps the faster, or the one that needs less memory when they are within 10% of each
     other, and double backward wherever a product's memory would pass a quarter of the device
-    (large models, where double backward needs about 0.6x the memory) or, for one probe, where the
-    GPU rather than the host bounds the slice's double backward (the same matrix products, less
-    memory): :attr:`choice` holds the
+    (large models, where double backward needs about 0.6x the memory): :attr:`choice` holds the
     measurement and :attr:`strategy` says which runs. The choice is remembered for the process: a
     later operator of the same model, parameters, batch shape and probe count takes it without
     measuring (``choice["cached"]``). Models that ``vmap`` cannot batch fall back to one probe at
@@ -148,10 +141,8 @@ class HessianOperator(CurvatureOperator):
         linearly from the slice to the batch, passes :data:`LARGE` (a quarter) of the device's
         memory: those products are memory-bound, and forward-over-reverse's tangents cost more
         than its shared forward saves (and a slice that small under-states that). An
-        out-of-memory error in forward-over-reverse decides for double backward too, and for one
-        probe, so does a slice whose double backward the GPU bounds (the host queued it in under
-        :data:`GPU_BOUND` of its time): forward-over-reverse is then not measured. Cost on CUDA:
-        about one batch product, once (a quarter of one where forward-over-reverse is not measured)."""
+        out-of-memory error in forward-over-reverse decides for double backward too. Cost on
+        CUDA: about one batch product, once."""
         if self.device.type != "cuda":
             self.strategy = "double-backward"
             self.choice = {"chosen": "double-backward", "why": "the CPU: no transform overhead"}
@@ -195,10 +186,9 @@ class HessianOperator(CurvatureOperator):
             # fused kernels switch to differentiable ones; out of memory, double backward halves the
             # batch as a pass would, while forward-over-reverse loses
             self.risk._fit(fn, batch_x, batch_y, i, i, halve=halve)
-            queued = time.perf_counter() - t0  # the host's part: the GPU may still be running it
             torch.cuda.synchronize()
             return {"seconds": time.perf_counter() - t0, "peak_bytes": torch.cuda.max_memory_allocated() - base,
-                    "examples": int(batch_y.shape[0]), "queued_seconds": queued}
+                    "examples": int(batch_y.shape[0])}
 
         def keep_double_backward(why: str | None = None, **measured) -> None:
             self.strategy, self._graphs = "double-backward", None  # the other's graphs go with their memory
@@ -217,12 +207,6 @@ class HessianOperator(CurvatureOperator):
         with self.risk.in_mode():
             measure(dbl_fn, xw, yw)  # warm-up: first-call costs (kernel choice, workspaces) out of the timing
             dbl = measure(dbl_fn, xs, ys)
-            if V.shape[1] == 1 and dbl["queued_seconds"] < GPU_BOUND * dbl["seconds"]:
-                return keep_double_backward(
-                    "the GPU, not the host, bounds a product (the host queued the slice's double backward in "
-                    f"{dbl['queued_seconds']:.3f} of its {dbl['seconds']:.3f} s): for one probe both methods make "
-                    "the same matrix products and a CUDA graph cannot shorten them, and double backward "
-                    "needs less memory", **{"double-backward": dbl})
             dbl["seconds"] *= V.shape[1]
             if self._kept is not None and self._kept.budget > 0:  # inside retaining(): later products reuse graphs
                 try:
