@@ -133,6 +133,12 @@ def peak_reset(device):
         torch.cuda.reset_peak_memory_stats()
 
 
+def chosen(H) -> dict:
+    """The product method ``method="auto"`` took for ``H``, and why (None for a forced method)."""
+    c = H.choice or {}
+    return {"chosen": c.get("chosen"), "why": c.get("why", "")[:60]}
+
+
 def peak(device) -> float | None:
     return torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else None
 
@@ -275,8 +281,7 @@ def main() -> None:
             r = measure(rows, size, "top1", "curvkit eigenvalues k=1 tol 1e-3", top1, device, None,
                         lambda r: {"products": r.matvecs, "value": float(r.values[0]), "err": err(float(r.values[0])),
                                    "residual": float(r.residuals[0]), "converged": r.converged,
-                                   "chosen": (ops["H"].choice or {}).get("chosen"),
-                                   "why": (ops["H"].choice or {}).get("why", "")[:60],
+                                   **chosen(ops["H"]),
                                    "seconds_kept": (ops["H"].choice or {}).get("double-backward", {}).get("seconds_kept")})
             ops.clear()
             if r is not None:  # the reported residual against a direct product
@@ -301,8 +306,7 @@ def main() -> None:
                             lean, device, None,
                             lambda r: {"products": r.matvecs, "value": float(r.values[0]),
                                        "err": err(float(r.values[0])), "converged": r.converged,
-                                       "chosen": (ops["H"].choice or {}).get("chosen"),
-                                       "why": (ops["H"].choice or {}).get("why", "")[:60]})
+                                       **chosen(ops["H"])})
                     ops.clear()
             if args.bf16:
                 mb = copy.deepcopy(model).to(torch.bfloat16)

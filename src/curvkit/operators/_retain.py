@@ -77,9 +77,8 @@ class Kept:
 
     def fits(self, nbytes: int, examples: int) -> bool:
         """Whether a graph of ``nbytes`` for ``examples`` examples may be kept."""
-        if self.examples is not None and not self.graphs and self.held == 0 and self.budget > 0:
-            if self.projected(nbytes / max(examples, 1)) < self.examples:
-                self.budget = 0  # not all would fit: keep none in this run
+        if self.examples is not None and not self.graphs and self.projected(nbytes / max(examples, 1)) == 0:
+            self.budget = 0  # not all would fit (judged at the first graph): keep none in this run
         return self.held + nbytes <= self.budget
 
     def projected(self, per_example: float) -> int:

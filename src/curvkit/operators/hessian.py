@@ -243,7 +243,8 @@ class HessianOperator(CurvatureOperator):
         """What a double-backward product of the slice ``(x, y)`` costs inside :meth:`retaining`
         once graphs are kept: re-differentiating a kept graph (the faster of two runs) for the
         examples whose graphs fit in the budget (the slice's graph memory per example; all or none
-        for ``retain_graphs=True``), a whole product for the rest. Cost: one slice product and two more backwards."""
+        for ``retain_graphs=True``), a whole product for the rest. Cost: one slice product and two
+        more backwards."""
         t0 = time.perf_counter()
         g = self._gradient_graph(x, y, None, count=True)
         torch.cuda.synchronize()
